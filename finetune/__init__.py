@@ -1,0 +1,1 @@
+"""Fine-tuning of Moshi and DSAA models: config, data, training loop, checkpoints."""

@@ -1,0 +1,1 @@
+"""Our re-implementation of Kyutai's Moshi LM and Mimi codec, weight-compatible with theirs."""

@@ -1,0 +1,243 @@
+"""SEANet convolutional encoder/decoder of the Mimi codec (causal, streamable).
+
+The layer lists are plain ``nn.Sequential`` named ``model`` so that state-dict keys read
+``encoder.model.{i}...`` exactly as in Kyutai's checkpoints (reference §6.3/§6.4); activations take an index
+too even though they have no weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .conv import StreamingConv1d, StreamingConvTranspose1d
+
+
+def _activation(name: str, params: dict | None) -> nn.Module:
+    """``nn.<name>(**params)``, e.g. ``ELU`` with ``{"alpha": 1.0}``; unknown names raise ``ValueError``."""
+    cls = getattr(nn, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"activation {name!r} is not a torch.nn module name (e.g. 'ELU')")
+    return cls(**(params or {}))
+
+
+class SEANetResnetBlock(nn.Module):
+    """Residual block ``x + block(x)``, ``block`` = [act, conv(dim→dim/compress), act, conv(→dim)].
+
+    Args:
+        dim (int): channels.
+        kernel_sizes (Sequence[int]): kernel of each conv of the block.
+        dilations (Sequence[int]): dilation of each conv of the block.
+        activation (str): ``torch.nn`` activation name.
+        activation_params (dict | None): its keyword arguments.
+        norm (str): must be ``"none"``.
+        causal (bool): must be True.
+        pad_mode (str): padding of the convs.
+        compress (int): channel reduction of the hidden layer.
+        true_skip (bool): identity shortcut (otherwise a learnt 1x1 conv, key ``shortcut``).
+        device (torch.device | str | None): where the weights live.
+        dtype (torch.dtype | None): weight dtype.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_sizes: Sequence[int] = (3, 1),
+        dilations: Sequence[int] = (1, 1),
+        activation: str = "ELU",
+        activation_params: dict | None = None,
+        norm: str = "none",
+        causal: bool = True,
+        pad_mode: str = "constant",
+        compress: int = 2,
+        true_skip: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if len(kernel_sizes) != len(dilations):
+            raise ValueError(f"kernel_sizes {list(kernel_sizes)} and dilations {list(dilations)} differ in length")
+        hidden = dim // compress
+        layers: list[nn.Module] = []
+        for i, (kernel_size, dilation) in enumerate(zip(kernel_sizes, dilations)):
+            in_ch = dim if i == 0 else hidden
+            out_ch = dim if i == len(kernel_sizes) - 1 else hidden
+            layers += [
+                _activation(activation, activation_params),
+                StreamingConv1d(
+                    in_ch, out_ch, kernel_size, dilation=dilation, norm=norm, causal=causal, pad_mode=pad_mode,
+                    device=device, dtype=dtype,
+                ),
+            ]
+        self.block = nn.Sequential(*layers)
+        self.shortcut: nn.Module
+        if true_skip:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = StreamingConv1d(
+                dim, dim, 1, norm=norm, causal=causal, pad_mode=pad_mode, device=device, dtype=dtype
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.block(x)
+
+
+def _check_common(causal: bool, lstm: int) -> None:
+    if not causal:
+        raise ValueError("seanet causal=False is not supported")
+    if lstm:
+        raise ValueError(f"seanet lstm={lstm} is not supported (Mimi uses no LSTM)")
+
+
+class SEANetEncoder(nn.Module):
+    """Waveform ``[B, channels, L]`` -> latent ``[B, dimension, L / prod(ratios)]``.
+
+    Args:
+        channels (int): audio channels.
+        dimension (int): latent size.
+        n_filters (int): channels after the first conv; doubled at each downsampling.
+        n_residual_layers (int): residual blocks per stage.
+        ratios (Sequence[int]): downsampling ratios, applied in *reverse* order.
+        activation (str): ``torch.nn`` activation name.
+        activation_params (dict | None): its keyword arguments.
+        norm (str): must be ``"none"``.
+        kernel_size (int): kernel of the first conv.
+        last_kernel_size (int): kernel of the last conv.
+        residual_kernel_size (int): kernel of the residual blocks' first conv.
+        dilation_base (int): dilation of residual block j is ``dilation_base ** j``.
+        causal (bool): must be True.
+        pad_mode (str): padding of the convs.
+        true_skip (bool): identity shortcuts in the residual blocks.
+        compress (int): channel reduction inside the residual blocks.
+        lstm (int): must be 0.
+        disable_norm_outer_blocks (int): accepted for config compatibility (no effect with ``norm="none"``).
+        device (torch.device | str | None): where the weights live.
+        dtype (torch.dtype | None): weight dtype.
+    """
+
+    def __init__(
+        self,
+        channels: int = 1,
+        dimension: int = 128,
+        n_filters: int = 32,
+        n_residual_layers: int = 3,
+        ratios: Sequence[int] = (8, 5, 4, 2),
+        activation: str = "ELU",
+        activation_params: dict | None = None,
+        norm: str = "none",
+        kernel_size: int = 7,
+        last_kernel_size: int = 7,
+        residual_kernel_size: int = 3,
+        dilation_base: int = 2,
+        causal: bool = True,
+        pad_mode: str = "constant",
+        true_skip: bool = True,
+        compress: int = 2,
+        lstm: int = 0,
+        disable_norm_outer_blocks: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_common(causal, lstm)
+        self.channels = channels
+        self.dimension = dimension
+        self.ratios = list(reversed(ratios))
+        self.hop_length = 1
+        for ratio in self.ratios:
+            self.hop_length *= ratio
+        act = {"activation": activation, "activation_params": activation_params or {"alpha": 1.0}}
+        conv = {"norm": norm, "causal": causal, "pad_mode": pad_mode, "device": device, "dtype": dtype}
+        mult = 1
+        layers: list[nn.Module] = [StreamingConv1d(channels, n_filters, kernel_size, **conv)]
+        for ratio in self.ratios:
+            width = mult * n_filters
+            for j in range(n_residual_layers):
+                layers.append(
+                    SEANetResnetBlock(
+                        width, kernel_sizes=(residual_kernel_size, 1), dilations=(dilation_base**j, 1),
+                        compress=compress, true_skip=true_skip, **act, **conv,
+                    )
+                )
+            layers.append(_activation(act["activation"], act["activation_params"]))
+            layers.append(StreamingConv1d(width, width * 2, kernel_size=ratio * 2, stride=ratio, **conv))
+            mult *= 2
+        layers.append(_activation(act["activation"], act["activation_params"]))
+        layers.append(StreamingConv1d(mult * n_filters, dimension, last_kernel_size, **conv))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class SEANetDecoder(nn.Module):
+    """Latent ``[B, dimension, T]`` -> waveform ``[B, channels, T * prod(ratios)]``.
+
+    Takes the same arguments as :class:`SEANetEncoder` (ratios applied in the given order), plus
+    ``final_activation`` (``torch.nn`` name or None; Mimi has none).
+    """
+
+    def __init__(
+        self,
+        channels: int = 1,
+        dimension: int = 128,
+        n_filters: int = 32,
+        n_residual_layers: int = 3,
+        ratios: Sequence[int] = (8, 5, 4, 2),
+        activation: str = "ELU",
+        activation_params: dict | None = None,
+        final_activation: str | None = None,
+        final_activation_params: dict | None = None,
+        norm: str = "none",
+        kernel_size: int = 7,
+        last_kernel_size: int = 7,
+        residual_kernel_size: int = 3,
+        dilation_base: int = 2,
+        causal: bool = True,
+        pad_mode: str = "constant",
+        true_skip: bool = True,
+        compress: int = 2,
+        lstm: int = 0,
+        disable_norm_outer_blocks: int = 0,
+        trim_right_ratio: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_common(causal, lstm)
+        if trim_right_ratio != 1.0:
+            raise ValueError(f"trim_right_ratio={trim_right_ratio} is not supported (causal decoders trim right)")
+        self.channels = channels
+        self.dimension = dimension
+        self.ratios = list(ratios)
+        self.hop_length = 1
+        for ratio in self.ratios:
+            self.hop_length *= ratio
+        act = {"activation": activation, "activation_params": activation_params or {"alpha": 1.0}}
+        conv = {"norm": norm, "causal": causal, "device": device, "dtype": dtype}
+        mult = 2 ** len(self.ratios)
+        layers: list[nn.Module] = [
+            StreamingConv1d(dimension, mult * n_filters, kernel_size, pad_mode=pad_mode, **conv)
+        ]
+        for ratio in self.ratios:
+            width = mult * n_filters
+            layers.append(_activation(act["activation"], act["activation_params"]))
+            layers.append(StreamingConvTranspose1d(width, width // 2, kernel_size=ratio * 2, stride=ratio, **conv))
+            for j in range(n_residual_layers):
+                layers.append(
+                    SEANetResnetBlock(
+                        width // 2, kernel_sizes=(residual_kernel_size, 1), dilations=(dilation_base**j, 1),
+                        compress=compress, true_skip=true_skip, pad_mode=pad_mode, **act, **conv,
+                    )
+                )
+            mult //= 2
+        layers.append(_activation(act["activation"], act["activation_params"]))
+        layers.append(StreamingConv1d(n_filters, channels, last_kernel_size, pad_mode=pad_mode, **conv))
+        if final_activation is not None:
+            layers.append(_activation(final_activation, final_activation_params))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z)

@@ -1,0 +1,169 @@
+"""Codebooks and residual vector quantisation (inference only: Mimi is frozen in this toolkit).
+
+A codebook stores running sums rather than centroids (``embedding_sum`` and ``cluster_usage``), because that
+is how Kyutai's checkpoints store it; the centroid of entry ``j`` is ``embedding_sum[j] / max(usage[j], eps)``.
+The centroids are derived once and cached until the buffers change (load, ``.to()``, in-place edit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# Names used by older checkpoints for the codebook buffers, mapped to the current names.
+LEGACY_CODEBOOK_BUFFERS: dict[str, str] = {
+    "inited": "_initialized",
+    "cluster_size": "cluster_usage",
+    "embed_avg": "embedding_sum",
+    "embed_sum": "embedding_sum",
+}
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter of ``tensor``, or None for inference tensors, which do not keep one."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+class EuclideanCodebook(nn.Module):
+    """A codebook of ``codebook_size`` vectors of size ``dim``; codes are nearest centroids in L2 distance.
+
+    Args:
+        dim (int): size of each codeword.
+        codebook_size (int): number of codewords.
+        epsilon (float): lower bound of ``cluster_usage`` when turning the sums into centroids.
+        device (torch.device | str | None): where the buffers live.
+
+    Note:
+        The buffers are float32 whatever the model dtype: distances between nearby codewords need the
+        precision. An untrained codebook gets random (standard normal) centroids so that a freshly built model
+        produces varied codes; Kyutai's k-means initialisation is a training feature we do not need (Mimi is
+        never trained here), so ``_initialized`` starts at 1.
+    """
+
+    def __init__(
+        self, dim: int, codebook_size: int, epsilon: float = 1e-5, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.epsilon = epsilon
+        f32 = {"device": device, "dtype": torch.float32}
+        self.register_buffer("_initialized", torch.ones(1, **f32))
+        self.register_buffer("cluster_usage", torch.ones(codebook_size, **f32))
+        self.register_buffer("embedding_sum", torch.randn(codebook_size, dim, **f32))
+        self._cache_key: Any = None
+        self._cache: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Older checkpoints name the buffers differently; rename them before the strict key check.
+        for legacy, current in LEGACY_CODEBOOK_BUFFERS.items():
+            if prefix + legacy in state_dict and prefix + current not in state_dict:
+                state_dict[prefix + current] = state_dict.pop(prefix + legacy)
+        self._cache_key = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The centroids ``[codebook_size, dim]`` (float32), recomputed only when the buffers changed."""
+        usage, total = self.cluster_usage, self.embedding_sum
+        versions = (_version_of(usage), _version_of(total))
+        key = (usage.data_ptr(), total.data_ptr(), usage.device, *versions)
+        if self._cache is None or key != self._cache_key or None in versions:
+            self._cache = total / usage.clamp(min=self.epsilon)[:, None]
+            self._cache_key = key
+        return self._cache
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest codeword of each vector: ``x [..., dim]`` -> codes ``[...]`` (int64).
+
+        Uses ``torch.cdist`` then ``argmin`` as Kyutai does, so ties and near-ties resolve identically.
+        """
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"codebook expects vectors of size {self.dim}, got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.dim).float()
+        distances = torch.cdist(flat[None], self.embedding[None], p=2)[0]
+        return distances.argmin(dim=-1).view(x.shape[:-1])
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codewords of ``codes [...]`` -> ``[..., dim]`` (float32)."""
+        return nn.functional.embedding(codes, self.embedding)
+
+
+class VectorQuantization(nn.Module):
+    """One quantisation level over channel-first latents ``[B, dim, T]``.
+
+    Args:
+        dim (int): latent size.
+        codebook_size (int): number of codewords.
+        epsilon (float): see :class:`EuclideanCodebook`.
+        device (torch.device | str | None): where the buffers live.
+    """
+
+    def __init__(
+        self, dim: int, codebook_size: int, epsilon: float = 1e-5, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        self._codebook = EuclideanCodebook(dim, codebook_size, epsilon, device=device)
+
+    @property
+    def codebook_size(self) -> int:
+        return self._codebook.codebook_size
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, dim, T]`` -> codes ``[B, T]``."""
+        return self._codebook.encode(x.transpose(1, 2))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes ``[B, T]`` -> ``[B, dim, T]`` (float32)."""
+        return self._codebook.decode(codes).transpose(1, 2)
+
+
+class ResidualVectorQuantization(nn.Module):
+    """A stack of levels, each quantising what the previous levels left over.
+
+    Args:
+        num_quantizers (int): number of levels.
+        dim (int): latent size.
+        codebook_size (int): codewords per level.
+        epsilon (float): see :class:`EuclideanCodebook`.
+        device (torch.device | str | None): where the buffers live.
+    """
+
+    def __init__(
+        self,
+        num_quantizers: int,
+        dim: int,
+        codebook_size: int,
+        epsilon: float = 1e-5,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            VectorQuantization(dim, codebook_size, epsilon, device=device) for _ in range(num_quantizers)
+        )
+
+    def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
+        """Quantises ``x [B, dim, T]`` with the first ``n_q`` levels -> codes ``[B, n_q, T]`` (int64)."""
+        residual = x.float()
+        codes = []
+        for layer in self.layers[:n_q]:
+            level_codes = layer.encode(residual)
+            residual = residual - layer.decode(level_codes)
+            codes.append(level_codes)
+        if not codes:
+            return torch.zeros(x.shape[0], 0, x.shape[-1], dtype=torch.long, device=x.device)
+        return torch.stack(codes, dim=1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the codewords of ``codes [B, K, T]`` over its K levels -> ``[B, dim, T]`` (float32)."""
+        if codes.shape[1] > len(self.layers):
+            raise ValueError(f"got {codes.shape[1]} codebooks but this quantizer has {len(self.layers)}")
+        quantized = torch.zeros((), device=codes.device)
+        for k in range(codes.shape[1]):
+            quantized = quantized + self.layers[k].decode(codes[:, k])
+        return quantized
