@@ -213,9 +213,10 @@ class StreamingLLM(StreamingModule[_LLMState]):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if next(model.named_parameters(recurse=False), None) is not None or next(
-            model.named_buffers(recurse=False), None
-        ) is not None:
+        if (
+            next(model.named_parameters(recurse=False), None) is not None
+            or next(model.named_buffers(recurse=False), None) is not None
+        ):
             raise ValueError(
                 f"{type(model).__name__} has parameters or buffers at its top level; StreamingLLM only supports "
                 "models whose weights all live in submodules (as every transformers *ForCausalLM does)"

@@ -56,7 +56,13 @@ def test_text_preserving_projector_names_and_formula():
 def test_residual_depformer_projector_skip_reads_unnormalised_input():
     proj = ResidualDepformerProjector(input_dim=20, hidden_dim=8, output_dim=5, dropout=0.0).eval()
     assert sorted(proj.state_dict()) == [
-        "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight", "norm.bias", "norm.weight", "skip.weight",
+        "fc1.bias",
+        "fc1.weight",
+        "fc2.bias",
+        "fc2.weight",
+        "norm.bias",
+        "norm.weight",
+        "skip.weight",
     ]
     assert torch.count_nonzero(proj.fc1.bias) == 0 and torch.count_nonzero(proj.fc2.bias) == 0
     x = 3.0 * torch.randn(4, 20) + 1.0

@@ -71,12 +71,16 @@ def parse_alignments(obj: Any, source: str) -> tuple[list[AlignedWord], bool]:
 
 
 def load_alignments(
-    path: str | os.PathLike, duration: float | None = None, allow_unsorted: bool = True
+    path: str | os.PathLike,
+    duration: float | None = None,
+    allow_unsorted: bool = True,
+    report: dict[str, Any] | None = None,
 ) -> list[AlignedWord]:
     """Loads and validates one alignment file, sorted by start time.
 
     Unsorted files are sorted (or refused when `allow_unsorted` is false). With the
-    audio `duration`, a word starting past its end (+0.5 s) is an error.
+    audio `duration`, a word starting past its end (+0.5 s) is an error. A `report`
+    dict receives `was_sorted` (so callers can count files that needed sorting).
     """
     p = Path(path)
     if not p.is_file():
@@ -87,6 +91,8 @@ def load_alignments(
     except json.JSONDecodeError as e:
         raise AlignmentError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
     words, was_sorted = parse_alignments(obj, str(p))
+    if report is not None:
+        report["was_sorted"] = was_sorted
     if not was_sorted and not allow_unsorted:
         raise AlignmentError(f"{p}: alignments are not sorted by start time")
     if duration is not None:

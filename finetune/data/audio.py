@@ -117,3 +117,31 @@ def write_wav(path: str | os.PathLike, wav: np.ndarray | torch.Tensor, sample_ra
         tmp_wav = tmp.with_suffix(".wav")
         sphn.write_wav(str(tmp_wav), data, sample_rate)
         os.replace(tmp_wav, tmp)
+
+
+# Floor for energies in dB, so digital silence gives a finite number.
+DB_FLOOR = -120.0
+
+
+def frame_rms_db(wav: np.ndarray, sample_rate: int, frame_sec: float = 0.02) -> np.ndarray:
+    """Per-frame RMS level in dBFS of `[channels, samples]` (or `[samples]`) audio.
+
+    The data tools (silence trimming, onset search, dataset checks) judge speech
+    vs silence by energy; they all use this one measure. Frames do not overlap;
+    a trailing partial frame is kept. Returns `[channels, frames]` (or `[frames]`).
+    """
+    x = np.asarray(wav, dtype=np.float32)
+    squeeze = x.ndim == 1
+    x = x[None] if squeeze else x
+    hop = max(1, int(round(frame_sec * sample_rate)))
+    n_frames = -(-x.shape[-1] // hop)
+    padded = np.zeros((x.shape[0], n_frames * hop), dtype=np.float64)
+    padded[:, : x.shape[-1]] = x
+    sq = (padded**2).reshape(x.shape[0], n_frames, hop)
+    # The last frame's mean is over its real samples only.
+    counts = np.full(n_frames, hop, dtype=np.float64)
+    if n_frames and x.shape[-1] % hop:
+        counts[-1] = x.shape[-1] % hop
+    rms = np.sqrt(sq.sum(-1) / counts)
+    db = 20.0 * np.log10(np.maximum(rms, 10 ** (DB_FLOOR / 20)))
+    return db[0] if squeeze else db

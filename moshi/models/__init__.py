@@ -1,0 +1,7 @@
+"""Moshi models: the LM (:class:`LMModel`), streaming generation (:class:`LMGen`) and the loaders."""
+
+from . import loaders
+from .lm import LMModel, LMOutput
+from .lm_gen import LMGen
+
+__all__ = ["LMGen", "LMModel", "LMOutput", "loaders"]

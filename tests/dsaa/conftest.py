@@ -12,50 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CORPUS = [
-    "hello world this is a tiny corpus for a tiny tokenizer",
-    "the quick brown fox jumps over the lazy dog",
-    "moshi listens and speaks while the text model reads every word",
-]
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def train_tokenizer(special: list[str] = SPECIAL, vocab_size: int = 300):
-    """A byte-level BPE tokenizer (Qwen-like: no BOS token, ``" "`` is one token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[0])
-
-
-def tiny_llm_config(hidden: int = 32, arch: str = "qwen2", tie: bool = True, vocab: int = 320, max_pos: int = 64):
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4 if hidden % 8 == 0 else 2,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=tie,
-    )
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    raise ValueError(arch)
+from tests.dsaa.tiny_llm import tiny_llm_config, train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -71,10 +28,14 @@ def make_llm_dir(tmp_path_factory, tiny_tokenizer) -> Callable[..., Path]:
 
     cache: dict[tuple, Path] = {}
 
-    def make(hidden: int = 32, arch: str = "qwen2", tie: bool = True, vocab: int = 320, max_pos: int = 64) -> Path:
+    def make(
+        hidden: int = 32, arch: str = "qwen2", tie: bool = True, vocab: int = 320, max_pos: int = 64
+    ) -> Path:
         key = (hidden, arch, tie, vocab, max_pos)
         if key not in cache:
-            path = tmp_path_factory.mktemp(f"llm_{arch}_{hidden}_{'tied' if tie else 'untied'}_{vocab}_{max_pos}")
+            path = tmp_path_factory.mktemp(
+                f"llm_{arch}_{hidden}_{'tied' if tie else 'untied'}_{vocab}_{max_pos}"
+            )
             with torch.random.fork_rng():
                 torch.manual_seed(1234 + hidden)
                 model = AutoModelForCausalLM.from_config(tiny_llm_config(hidden, arch, tie, vocab, max_pos))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moshi.models.dsaa_tokens import resolve_special_tokens
-
-from .conftest import train_tokenizer
+from tests.dsaa.tiny_llm import train_tokenizer
 
 
 def test_defaults_follow_the_fork(tiny_tokenizer):
@@ -19,7 +18,9 @@ def test_defaults_follow_the_fork(tiny_tokenizer):
 
 
 def test_configured_tokens_override_defaults(tiny_tokenizer):
-    tokens = resolve_special_tokens(tiny_tokenizer, pad_token="<|im_end|>", epad_token=" ", bos_token="<|endoftext|>")
+    tokens = resolve_special_tokens(
+        tiny_tokenizer, pad_token="<|im_end|>", epad_token=" ", bos_token="<|endoftext|>"
+    )
     assert tokens.pad_id == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokens.epad_id == tiny_tokenizer.encode(" ", add_special_tokens=False)[0]
     assert tokens.bos_id == tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")

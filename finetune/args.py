@@ -1,0 +1,628 @@
+"""Training configuration: the YAML file, as nested dataclasses, validated once.
+
+Upstream's keys and defaults are kept (an existing `moshi_7B.yaml` loads unchanged), plus
+the trainer's resume/compile/cache keys and the DSAA keys of `design/dsaa.md`. Loading is
+our own small decoder instead of simple-parsing, so that every problem (unknown key, bad
+type, illegal combination) is collected with its dotted key and raised once, before
+anything touches the disk. Scalars are coerced as simple-parsing did: the YAML string
+`2e-6` becomes a float, `duration_sec: 100` becomes `100.0`.
+
+`max_steps` has two meanings that coexist:
+
+* an int (or a one-element list): one stage of that many optimizer steps, drawing each
+  sample from the `data.train_data` sources with probability proportional to their
+  `path:weight` weights (upstream's mixing);
+* a list of N > 1 ints: N stages run in order, stage i training on source i of
+  `data.train_data` only (weights ignored); N must equal the number of sources. With
+  `data.merge_group`, the named sources form one merged **first** stage whose length is
+  the sum of their steps and which draws each batch from source j with probability
+  proportional to its steps; the other sources follow, one stage each, in file order.
+
+The OneCycle schedule always spans `total_steps` (the sum of the list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from finetune.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft", ".sfts")
+SUPPORTED_PARAM_DTYPES = ("bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem with its dotted key."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = list(errors)
+        head = f"invalid configuration{f' {source}' if source else ''} ({len(errors)} problem(s)):"
+        super().__init__("\n".join([head] + [f"  - {e}" for e in errors]))
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelPaths:
+    """`moshi_paths:` where the Moshi weights, Mimi, the tokenizer and the LM config come from.
+
+    Paths follow moshi's convention: `hf://owner/repo/file` downloads from another repo,
+    anything else is a local path; null → the file of `hf_repo_id`.
+    """
+
+    hf_repo_id: str | None = "kyutai/moshiko-pytorch-bf16"
+    mimi_path: str | None = None
+    moshi_path: str | None = None
+    tokenizer_path: str | None = None
+    config_path: str | None = None
+
+
+@dataclass
+class LoraArgs:
+    """`lora:` low-rank adapters on every linear of the LM (rank r, output scaled by `scaling`)."""
+
+    enable: bool = False
+    rank: int = 64
+    scaling: float = 2.0
+    ft_embed: bool = False
+
+
+@dataclass
+class OptimArgs:
+    """`optim:` AdamW + OneCycleLR.
+
+    `lr`/`weight_decay` apply to plain Moshi; DSAA uses the `proj_*` group (text and
+    depformer projectors) and the `finetune_*` group (heads, depformer) instead.
+
+    `cycle_momentum` (default true, as upstream): OneCycleLR also cycles AdamW's beta1,
+    0.95 at the start, down to 0.85 at the end of warm-up and back to 0.95 at the end, so
+    the beta1 of 0.9 the optimizer is built with is never used. Set false to keep beta1
+    fixed at 0.9.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    pct_start: float = 0.05
+    cycle_momentum: bool = True
+    proj_lr: float = 1e-4
+    proj_wd: float = 0.05
+    finetune_lr: float = 5e-6
+    finetune_wd: float = 0.01
+
+
+@dataclass
+class WandbArgs:
+    """`wandb:` Weights & Biases logging, enabled by setting `project`.
+
+    The API key is read from the `WANDB_API_KEY` environment variable. A `key` in the
+    YAML is still accepted for old configs (with a warning) but never saved nor printed.
+    """
+
+    project: str | None = None
+    offline: bool = False
+    key: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
+class AugArgs:
+    """`data.aug:` data augmentation; every probability is 0 (off) by default.
+
+    Each sample draws its own decisions from a generator seeded with (seed, rank, sample
+    index), so a run (and a resumed run) sees the same augmentations.
+
+    On the wave, before Mimi, applied to `channels` (`user`: the right channel only;
+    `both`): additive white noise at an SNR drawn from `noise_snr_db`; gain in dB from
+    `gain_db`; speed factor from `speed_factor` (>1 faster; the chunk is read longer or
+    shorter so the result stays `duration_sec` long; with `both`, word times are scaled
+    too); pitch shift in semitones from `pitch_semitones` (duration kept); one echo
+    with a delay (s) from `echo_delay_sec` and a decay from `echo_decay`. A chunk with a
+    wave augmentation is encoded by Mimi on its own and bypasses the codes cache.
+
+    On the codes: `shift_prob` shifts the user's audio rows by up to `shift_max_frames`
+    frames against the text and model rows (the gap is filled with -1); `text_mask_prob`
+    replaces a `text_mask_fraction` of the text frames by -1 (no input, no loss: the
+    model must not be taught to predict PAD where a word was); `audio_mask_prob` sets a
+    `audio_mask_fraction` of the frames of the user's audio rows to -1.
+    Ranges are `[low, high]` lists, drawn uniformly.
+    """
+
+    channels: str = "user"
+    noise_prob: float = 0.0
+    noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 30.0])
+    gain_prob: float = 0.0
+    gain_db: list[float] = field(default_factory=lambda: [-6.0, 6.0])
+    speed_prob: float = 0.0
+    speed_factor: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    pitch_prob: float = 0.0
+    pitch_semitones: list[float] = field(default_factory=lambda: [-2.0, 2.0])
+    echo_prob: float = 0.0
+    echo_delay_sec: list[float] = field(default_factory=lambda: [0.05, 0.3])
+    echo_decay: list[float] = field(default_factory=lambda: [0.2, 0.5])
+    shift_prob: float = 0.0
+    shift_max_frames: int = 2
+    text_mask_prob: float = 0.0
+    text_mask_fraction: float = 0.1
+    audio_mask_prob: float = 0.0
+    audio_mask_fraction: float = 0.1
+
+    @property
+    def any_wave(self) -> bool:
+        return any(p > 0 for p in (self.noise_prob, self.gain_prob, self.speed_prob, self.pitch_prob,
+                                   self.echo_prob))
+
+    @property
+    def any_codes(self) -> bool:
+        return any(p > 0 for p in (self.shift_prob, self.text_mask_prob, self.audio_mask_prob))
+
+
+@dataclass
+class DataArgs:
+    """`data:` sources, caching, augmentation.
+
+    `train_data`/`eval_data`: comma-separated `path` or `path:weight`; a path is a
+    `.jsonl` manifest or a folder (every `*.jsonl` under it, recursively, sorted).
+    `cache_dir`: folder of the Mimi codes cache (each file encoded once, whole, and kept
+    as safetensors keyed by its content hash, the Mimi weights and the codebook count);
+    null → no disk cache: codes are computed on first use and only kept in memory for
+    the run. `python -m finetune.data.precompute CONFIG` fills the cache ahead of time.
+    `merge_group`: sources (as written in `train_data`) forming the first, merged stage.
+    The remaining `*_data` keys feed the optional DSAA evaluations.
+    """
+
+    train_data: str = ""
+    shuffle: bool = False
+    eval_data: str = ""
+    cache_dir: str | None = None
+    merge_group: list[str] = field(default_factory=list)
+    aug: AugArgs = field(default_factory=AugArgs)
+    eval_loss_data: str = ""
+    mmlu_data: str = ""
+    swuggy_data: str = ""
+    sblimp_data: str = ""
+    ssc_data: str = ""
+    cd_data: str = ""
+
+
+@dataclass
+class TextLLMArgs:
+    """`text_llm:` the Hugging Face LLM of a DSAA model (`design/dsaa.md`, "Config")."""
+
+    enable: bool = False
+    hf_repo_id: str = "Qwen/Qwen2.5-3B-Instruct"
+    revision: str | None = None
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    pad_token: str | None = None
+    epad_token: str | None = None
+    bos_token: str | None = None
+    proj_hidden: int | None = None
+    proj_dropout: float = 0.1
+    save_weights: bool = True
+    frozen_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainArgs:
+    """Top level of the YAML file. `data` and `run_dir` are required.
+
+    Trainer keys beyond upstream: `resume` (continue a killed run from its last
+    resumable checkpoint in `run_dir`), `compile` (torch.compile where it pays),
+    `tensorboard`, `eval_duration_sec`/`eval_batches` (eval chunk length and the number
+    of eval batches over all ranks), `audio_loss_skip_every`, `only_text` (DSAA).
+    """
+
+    data: DataArgs
+    run_dir: str
+    moshi_paths: ModelPaths = field(default_factory=ModelPaths)
+    first_codebook_weight_multiplier: float = 1.0
+    text_padding_weight: float = 0.5
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    seed: int = 0
+    num_microbatches: int = 1
+    duration_sec: float = 10.0
+    batch_size: int = 1
+    max_norm: float = 1.0
+    max_steps: Union[int, list[int]] = 100
+    log_freq: int = 1
+    ckpt_freq: int = 0
+    save_adapters: bool = True
+    do_ckpt: bool = True
+    num_ckpt_keep: int | None = 3
+    eval_freq: int = 0
+    do_eval: bool = False
+    gradient_checkpointing: bool = True
+    wandb: WandbArgs = field(default_factory=WandbArgs)
+    lora: LoraArgs | None = field(default_factory=LoraArgs)
+    full_finetuning: bool = False
+    param_dtype: str = "bfloat16"
+    overwrite_run_dir: bool = False
+    # ours (trainer)
+    resume: bool = False
+    compile: bool = False
+    tensorboard: bool = True
+    eval_duration_sec: float = 30.0
+    eval_batches: int = 50
+    # DSAA
+    text_llm: TextLLMArgs = field(default_factory=TextLLMArgs)
+    only_text: bool = False
+    audio_loss_skip_every: int = 4
+    do_eval_loss: bool = False
+    do_mmlu: bool = False
+    do_slm: bool = False
+    do_cd: bool = False
+    world_size: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", -1))
+
+    # -- derived -------------------------------------------------------------------
+
+    @property
+    def stage_steps(self) -> list[int]:
+        """`max_steps` as a list (an int is a one-stage list)."""
+        return list(self.max_steps) if isinstance(self.max_steps, list) else [int(self.max_steps)]
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (OneCycleLR `total_steps`)."""
+        return sum(self.stage_steps)
+
+    @property
+    def uses_stages(self) -> bool:
+        """True when `max_steps` lists one stage per source (rather than weighted mixing)."""
+        return len(self.stage_steps) > 1 or bool(self.data.merge_group)
+
+    @property
+    def wandb_api_key(self) -> str | None:
+        """The key from `WANDB_API_KEY`, else the deprecated YAML `wandb.key`."""
+        return os.environ.get("WANDB_API_KEY") or self.wandb.key
+
+    # -- I/O -----------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, validate: bool = True) -> TrainArgs:
+        """Reads a YAML config, decodes and validates it; raises `ConfigError` listing every problem."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source=str(p)) from None
+        return cls.from_dict(raw if raw is not None else {}, validate=validate, source=str(p))
+
+    @classmethod
+    def from_dict(cls, raw: Any, validate: bool = True, source: str | None = None) -> TrainArgs:
+        errors: list[str] = []
+        args = _decode_dataclass(cls, raw, "", errors)
+        if errors or args is None:
+            raise ConfigError(errors or ["could not decode the configuration"], source=source)
+        if args.wandb.key:
+            logger.warning(
+                "wandb.key in the config file is deprecated: put the key in the WANDB_API_KEY "
+                "environment variable; it is never written to args.yaml"
+            )
+        if validate:
+            args.validate(source=source)
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as plain data, secrets removed (`wandb.key` is never included)."""
+        d = _encode(self)
+        d["wandb"].pop("key", None)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False, allow_unicode=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the config as YAML (sorted keys, defaults included, no secrets), atomically."""
+        atomic_write_text(path, self.to_yaml())
+
+    def __repr__(self) -> str:  # never print the key, even through a debugger or a log of `args`
+        return f"TrainArgs({self.to_dict()!r})"
+
+    # -- validation ----------------------------------------------------------------
+
+    def validate(self, source: str | None = None) -> None:
+        """Checks every cross-key rule; collects all problems and raises one `ConfigError`."""
+        errors = _validate(self)
+        if errors:
+            raise ConfigError(errors, source=source)
+        if self.lora is not None and self.lora.enable and not self.save_adapters and not self.full_finetuning:
+            logger.warning("save_adapters: false merges LoRA into the full model at every checkpoint "
+                           "(a full-size export; it may run out of memory on large models)")
+
+    @staticmethod
+    def config_hash_fields() -> list[str]:
+        """Dotted keys whose change makes resuming a run invalid (the trainer compares them)."""
+        return [
+            "moshi_paths.hf_repo_id", "moshi_paths.moshi_path", "moshi_paths.mimi_path",
+            "moshi_paths.tokenizer_path", "moshi_paths.config_path",
+            "lora.enable", "lora.rank", "lora.scaling", "lora.ft_embed",
+            "full_finetuning", "param_dtype", "duration_sec", "batch_size", "num_microbatches",
+            "max_steps", "seed", "data.train_data", "data.shuffle", "data.merge_group",
+            "optim.lr", "optim.weight_decay", "optim.pct_start", "optim.cycle_momentum",
+            "optim.proj_lr", "optim.proj_wd", "optim.finetune_lr", "optim.finetune_wd",
+            "text_llm.enable", "text_llm.hf_repo_id", "text_llm.revision", "text_llm.pad_token",
+            "text_llm.epad_token", "text_llm.bos_token", "text_llm.proj_hidden", "text_llm.frozen_modules",
+            "only_text",
+        ]
+
+    def get_dotted(self, key: str) -> Any:
+        """Value of a dotted key such as `lora.rank` (None when a section is null)."""
+        obj: Any = self
+        for part in key.split("."):
+            if obj is None:
+                return None
+            obj = getattr(obj, part)
+        return obj
+
+    def resume_fingerprint(self) -> dict[str, Any]:
+        """`{dotted key: value}` for `config_hash_fields()`, JSON-serialisable."""
+        return {k: _encode(self.get_dotted(k)) for k in self.config_hash_fields()}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_range(errors: list[str], key: str, value: list[float], low: float | None = None,
+                 high: float | None = None) -> None:
+    if len(value) != 2:
+        errors.append(f"{key} must be a [low, high] pair, got {value!r}")
+        return
+    lo, hi = value
+    if lo > hi:
+        errors.append(f"{key} must be ordered (low <= high), got {value!r}")
+    if low is not None and lo < low or high is not None and hi > high:
+        errors.append(f"{key} must lie within [{low}, {high}], got {value!r}")
+
+
+def _validate(a: TrainArgs) -> list[str]:
+    e: list[str] = []
+    lora_on = a.lora is not None and a.lora.enable
+    if a.lora is None:
+        e.append("lora must be a mapping (or omitted), got null")
+    if lora_on:
+        if a.lora.rank <= 0:
+            e.append(f"lora.rank must be > 0 when lora.enable is true, got {a.lora.rank}")
+        if a.lora.scaling <= 0:
+            e.append(f"lora.scaling must be > 0 when lora.enable is true, got {a.lora.scaling}")
+    if lora_on and a.full_finetuning:
+        e.append("lora.enable: true and full_finetuning: true are exclusive: choose LoRA or full fine-tuning")
+    if not lora_on and not a.full_finetuning:
+        e.append("nothing to train: set lora.enable: true (adapters) or full_finetuning: true")
+    if a.text_llm.enable:
+        if lora_on:
+            e.append("lora.enable: true is not supported with text_llm.enable: true (DSAA trains its own "
+                     "parameter groups); set lora.enable: false")
+        if not a.full_finetuning:
+            e.append("text_llm.enable: true requires full_finetuning: true")
+        if a.text_llm.proj_hidden is not None and a.text_llm.proj_hidden <= 0:
+            e.append(f"text_llm.proj_hidden must be > 0 or null, got {a.text_llm.proj_hidden}")
+        if not 0.0 <= a.text_llm.proj_dropout < 1.0:
+            e.append(f"text_llm.proj_dropout must be in [0, 1), got {a.text_llm.proj_dropout}")
+    elif a.only_text:
+        e.append("only_text: true needs text_llm.enable: true")
+    if a.param_dtype not in SUPPORTED_PARAM_DTYPES:
+        hint = " (float16 needs a loss scaler, which this trainer does not have; use bfloat16)" \
+            if a.param_dtype in ("float16", "half", "fp16") else ""
+        e.append(f"param_dtype must be one of {list(SUPPORTED_PARAM_DTYPES)}, got {a.param_dtype!r}{hint}")
+    for key in ("num_microbatches", "batch_size", "log_freq", "eval_batches"):
+        if getattr(a, key) < 1:
+            e.append(f"{key} must be >= 1, got {getattr(a, key)}")
+    if a.num_ckpt_keep is not None and a.num_ckpt_keep < 1:
+        e.append(f"num_ckpt_keep must be null (keep all) or >= 1, got {a.num_ckpt_keep}")
+    for key in ("duration_sec", "eval_duration_sec", "max_norm"):
+        if not getattr(a, key) > 0:
+            e.append(f"{key} must be > 0, got {getattr(a, key)}")
+    if a.audio_loss_skip_every < 0:
+        e.append(f"audio_loss_skip_every must be >= 0 (0 = never skip), got {a.audio_loss_skip_every}")
+    if not 0.0 <= a.optim.pct_start <= 1.0:
+        e.append(f"optim.pct_start must be in [0, 1], got {a.optim.pct_start}")
+    for key in ("lr", "proj_lr", "finetune_lr"):
+        if getattr(a.optim, key) < 0:
+            e.append(f"optim.{key} must be >= 0, got {getattr(a.optim, key)}")
+    steps = a.stage_steps
+    if not steps or any(s < 1 for s in steps):
+        e.append(f"max_steps must be a positive int or a non-empty list of positive ints, got {a.max_steps!r}")
+    if not a.run_dir:
+        e.append("run_dir must be set (the folder for checkpoints and logs)")
+    if a.moshi_paths.moshi_path is not None and not a.moshi_paths.moshi_path.endswith(SAFETENSORS_SUFFIXES):
+        e.append(f"moshi_paths.moshi_path must be a safetensors file ({', '.join(SAFETENSORS_SUFFIXES)}), "
+                 f"got {a.moshi_paths.moshi_path!r}")
+    if a.wandb.project is not None and not a.wandb.project.strip():
+        e.append("wandb.project must be a non-empty name or null")
+    _validate_data(a, e)
+    _validate_aug(a.data.aug, e)
+    return e
+
+
+def _validate_data(a: TrainArgs, e: list[str]) -> None:
+    from finetune.data.sources import SourceError, parse_sources
+
+    sources = None
+    if not a.data.train_data.strip():
+        e.append("data.train_data is empty: give a .jsonl manifest or a folder of them")
+    else:
+        try:
+            sources = parse_sources(a.data.train_data, key="data.train_data")
+        except (SourceError, FileNotFoundError) as err:
+            e.append(str(err))
+    if a.do_eval:
+        if not a.data.eval_data.strip():
+            e.append("do_eval: true needs data.eval_data (no eval data provided)")
+        else:
+            try:
+                parse_sources(a.data.eval_data, key="data.eval_data")
+            except (SourceError, FileNotFoundError) as err:
+                e.append(str(err))
+    steps = a.stage_steps
+    if sources is not None and a.uses_stages:
+        if len(steps) != len(sources):
+            e.append(f"max_steps lists {len(steps)} stages but data.train_data has {len(sources)} sources: "
+                     "a list gives one stage per source (use an int for one stage mixing all sources)")
+        names = [s.spec for s in sources]
+        for g in a.data.merge_group:
+            if g not in names:
+                close = difflib.get_close_matches(g, names, n=1)
+                e.append(f"data.merge_group entry {g!r} is not a data.train_data source"
+                         + (f" (did you mean {close[0]!r}?)" if close else f"; sources: {names}"))
+        if len(set(a.data.merge_group)) != len(a.data.merge_group):
+            e.append(f"data.merge_group has duplicates: {a.data.merge_group}")
+
+
+def _validate_aug(g: AugArgs, e: list[str]) -> None:
+    if g.channels not in ("user", "both"):
+        e.append(f"data.aug.channels must be 'user' or 'both', got {g.channels!r}")
+    for f in dataclasses.fields(g):
+        v = getattr(g, f.name)
+        if f.name.endswith(("_prob", "_fraction")) and not 0.0 <= v <= 1.0:
+            e.append(f"data.aug.{f.name} must be in [0, 1], got {v}")
+    _check_range(e, "data.aug.noise_snr_db", g.noise_snr_db)
+    _check_range(e, "data.aug.gain_db", g.gain_db)
+    _check_range(e, "data.aug.speed_factor", g.speed_factor, low=0.5, high=2.0)
+    _check_range(e, "data.aug.pitch_semitones", g.pitch_semitones, low=-12.0, high=12.0)
+    _check_range(e, "data.aug.echo_delay_sec", g.echo_delay_sec, low=0.0, high=2.0)
+    _check_range(e, "data.aug.echo_decay", g.echo_decay, low=0.0, high=1.0)
+    if g.shift_max_frames < 0:
+        e.append(f"data.aug.shift_max_frames must be >= 0, got {g.shift_max_frames}")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _decode_value(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
+    """Coerces `value` to the annotated type `tp`; appends a message naming `key` on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            errors.append(f"{key} must not be null")
+            return None
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own messages are the most precise
+            return _decode_value(real[0], value, key, errors)
+        for opt in real:
+            trial: list[str] = []
+            out = _decode_value(opt, value, key, trial)
+            if not trial:
+                return out
+        names = " or ".join(_type_name(o) for o in real)
+        errors.append(f"{key} must be {names}, got {value!r}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        return _decode_dataclass(tp, value, key, errors)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            errors.append(f"{key} must be a list, got {value!r}")
+            return None
+        return [_decode_value(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if value is None:
+        errors.append(f"{key} must not be null")
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        errors.append(f"{key} must be true or false, got {value!r}")
+        return None
+    if tp is int:
+        if isinstance(value, bool):
+            errors.append(f"{key} must be an int, got {value!r}")
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        errors.append(f"{key} must be an int, got {value!r}")
+        return None
+    if tp is float:
+        if isinstance(value, bool):
+            errors.append(f"{key} must be a number, got {value!r}")
+            return None
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads `2e-6` (no dot) as a string
+            except ValueError:
+                pass
+        errors.append(f"{key} must be a number, got {value!r}")
+        return None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        errors.append(f"{key} must be a string, got {value!r}")
+        return None
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this file, not user input
+
+
+def _decode_dataclass(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    where = prefix or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where} must be a mapping, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    derived = {f.name for f in dataclasses.fields(cls) if not f.init}  # e.g. world_size, in saved args.yaml
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name in derived:
+            continue
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            errors.append(f"unknown key {key!r}{hint}")
+            continue
+        n_before = len(errors)
+        decoded = _decode_value(hints[name], value, key, errors)
+        if len(errors) == n_before:
+            kwargs[name] = decoded
+    for name, f in fields.items():
+        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"missing required key {(prefix + '.' if prefix else '') + name!r}")
+    if any(n not in kwargs and fields[n].default is dataclasses.MISSING
+           and fields[n].default_factory is dataclasses.MISSING for n in fields):
+        return None
+    return cls(**kwargs)
+
+
+def _encode(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_encode(v) for v in obj]
+    return obj

@@ -1,0 +1,402 @@
+"""Checkpoints: Kyutai-compatible exports plus a resumable training state.
+
+Layout of one checkpoint (the `consolidated/` part is upstream's, loadable by `moshi.models.loaders`
+and `moshi.server`; `resume/` is ours)::
+
+    run_dir/checkpoints/checkpoint_000500/
+        consolidated/
+            lora.safetensors | consolidated.safetensors   # keys sorted, in param_dtype
+            config.json                                   # base config + lora, lora_rank, lora_scaling
+        resume/
+            .metadata, __*_*.distcp   # torch.distributed.checkpoint: trained params + AdamW state, sharded
+            rank_00000.pt ...         # per rank: RNG states, data-loader position, scheduler, counters
+            trainer.json              # step, world size, the config keys a resume must not change
+            COMPLETE                  # written last: the checkpoint is usable
+
+Write protocol: everything goes to `checkpoints/.checkpoint_000500.tmp/`, then rank 0 renames it to
+`checkpoint_000500` in one `os.replace`. A kill or a full disk at any point leaves the previous
+checkpoints untouched; a stale `.tmp` folder is ignored and removed by the next save. Retention keeps
+the `num_ckpt_keep` highest step numbers (upstream sorted by ctime).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from finetune.distributed import any_rank, barrier, get_rank, get_world_size, is_main
+
+logger = logging.getLogger(__name__)
+
+CKPT_RE = re.compile(r"^checkpoint_(\d{6,})$")
+COMPLETE = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which and what is still usable."""
+
+
+class ResumeMismatchError(ValueError):
+    """The config of a resumed run differs from the checkpoint's in keys that matter (named)."""
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"checkpoint_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of finished checkpoint folders, sorted by step."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_resumable(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose `resume/COMPLETE` marker exists, else None."""
+    for _, p in reversed(list_checkpoints(run_dir)):
+        if (p / "resume" / COMPLETE).is_file():
+            return p
+    return None
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def merge_lora_state_dict(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Folds every LoRA triple into a plain weight: ``W' = W + scaling · B @ A`` (fp32 math), base names."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".frozen_W." in key:
+            prefix, leaf = key.split(".frozen_W.")
+            if leaf == "weight":
+                a = state[f"{prefix}.lora_A.weight"].float()
+                b = state[f"{prefix}.lora_B.weight"].float()
+                value = (value.float() + scaling * (b @ a)).to(value.dtype)
+            out[f"{prefix}.{leaf}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def export_config(base_config: Mapping[str, Any], lora: bool, lora_rank: int, lora_scaling: float) -> dict[str, Any]:
+    """`config.json` of an export: the base model's raw config with `lora`, `lora_rank`, `lora_scaling` set.
+
+    Merged and full exports say `"lora": false` (upstream wrote true for merged LoRA exports, which makes
+    moshi wrap the merged weights in fresh, randomly initialised LoRA layers).
+    """
+    cfg = dict(base_config)
+    cfg["lora"] = bool(lora)
+    cfg["lora_rank"] = int(lora_rank)
+    cfg["lora_scaling"] = float(lora_scaling)
+    return cfg
+
+
+def gather_export_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict on rank 0 (empty elsewhere); a collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    sd = get_model_state_dict(model, options=opts)
+    return dict(sd) if is_main() else {}
+
+
+# ----------------------------------------------------------------------------- per-rank state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU/CUDA, numpy, Python), as tensors and plain Python values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_safe(obj: Any) -> Any:
+    """Makes a state loadable with `torch.load(weights_only=True)`: numpy arrays/scalars → tensors/Python."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj)), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {k: _to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_safe(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_safe(v) for v in obj)
+    return obj
+
+
+def _from_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj and set(obj) == {"__ndarray__", "dtype"}:
+            return obj["__ndarray__"].numpy().astype(obj["dtype"])
+        return {k: _from_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_safe(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_from_safe(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Saves and restores checkpoints of one run (see the module docstring for the layout).
+
+    Args:
+        run_dir (str | Path): the run folder.
+        model (nn.Module): the (possibly FSDP2-sharded) model.
+        optimizer (torch.optim.Optimizer): its optimizer.
+        base_config (dict): the base model's raw `config.json` (written, amended, next to the exports).
+        lora (bool): LoRA run (adapters exported; only trained params in the resume state).
+        lora_rank (int), lora_scaling (float): written to `config.json`; `lora_scaling` is used to merge.
+        save_adapters (bool): LoRA runs: export `lora.safetensors` (else merged `consolidated.safetensors`).
+        export_dtype (torch.dtype): dtype of exported tensors (`param_dtype`).
+        num_ckpt_keep (int | None): newest checkpoints kept (None: all).
+        fingerprint (dict): config keys a resume must not change (`TrainArgs.resume_fingerprint()`).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        base_config: Mapping[str, Any],
+        lora: bool,
+        lora_rank: int,
+        lora_scaling: float,
+        save_adapters: bool,
+        export_dtype: torch.dtype,
+        num_ckpt_keep: int | None,
+        fingerprint: Mapping[str, Any],
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.model = model
+        self.optimizer = optimizer
+        self.base_config = dict(base_config)
+        self.lora = lora
+        self.lora_rank = lora_rank
+        self.lora_scaling = lora_scaling
+        self.save_adapters = save_adapters
+        self.export_dtype = export_dtype
+        self.num_ckpt_keep = num_ckpt_keep
+        self.fingerprint = json.loads(json.dumps(dict(fingerprint)))
+        # Test hook: SIGKILL this process inside save() at the named point (e.g. "before_rename:4").
+        self._kill_at = os.environ.get("MOSHI_FT_KILL_IN_CHECKPOINT", "")
+
+    # -- model / optimizer state (sharded, DCP) --------------------------------------------------------------
+
+    def _dcp_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(ignore_frozen_params=self.lora)
+        return {
+            "model": get_model_state_dict(self.model, options=opts),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer, options=opts),
+        }
+
+    # -- save ----------------------------------------------------------------------------------------------
+
+    @property
+    def export_name(self) -> str:
+        return "lora.safetensors" if self.lora and self.save_adapters else "consolidated.safetensors"
+
+    def _maybe_kill(self, where: str, step: int) -> None:
+        if self._kill_at == f"{where}:{step}":
+            import signal
+
+            logger.warning("test hook: SIGKILL during checkpoint %d (%s)", step, where)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save(self, step: int, rank_state: Mapping[str, Any]) -> Path:
+        """Writes checkpoint `step` (a collective: every rank calls it); returns its folder.
+
+        Args:
+            step (int): optimizer steps done.
+            rank_state (dict): this rank's non-sharded state (scheduler, data position, counters...);
+                RNG states are added here. Tensors, numpy arrays and plain Python values only.
+
+        Raises:
+            CheckpointError: a write failed (e.g. disk full) on some rank; nothing of this checkpoint
+                remains and earlier ones are untouched.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        final = checkpoint_dir(self.run_dir, step)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in final.parent.glob(".checkpoint_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        error: BaseException | None = None
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "resume"))
+            state = dict(rank_state)
+            state["rng"] = rng_state()
+            torch.save(_to_safe(state), tmp / "resume" / f"rank_{get_rank():05d}.pt")
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank as CheckpointError
+            error = e
+        export: dict[str, torch.Tensor] = {}
+        if not any_rank(error is not None):
+            export = gather_export_state(self.model, trainable_only=self.lora and self.save_adapters)
+        if error is None and is_main() and export:
+            try:
+                self._write_export(tmp / "consolidated", export)
+                self._maybe_kill("before_rename", step)
+                atomic_write_json(tmp / "resume" / "trainer.json", {
+                    "step": step, "world_size": get_world_size(), "fingerprint": self.fingerprint,
+                    "export": self.export_name,
+                })
+                atomic_write_text(tmp / "resume" / COMPLETE, f"{step}\n")
+                if final.exists():  # re-saving a step (e.g. the final step after a resume): replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        del export
+        failed = any_rank(error is not None)
+        if failed:
+            if is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            prev = latest_resumable(self.run_dir)
+            reason = error if error is not None else "another rank failed"
+            hint = " (disk full)" if isinstance(error, OSError) and error.errno == errno.ENOSPC else ""
+            raise CheckpointError(
+                f"writing checkpoint {final}{hint} failed: {reason}; nothing of it was kept; "
+                f"the latest complete checkpoint is {prev if prev else 'none'}"
+            ) from error
+        barrier()
+        if is_main():
+            self._apply_retention()
+        barrier()
+        logger.info("checkpoint saved: %s", final / "consolidated" / self.export_name)
+        return final
+
+    def _write_export(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        merged = self.lora and not self.save_adapters
+        if merged:
+            state = merge_lora_state_dict(state, self.lora_scaling)
+        tensors = {k: state[k].to(self.export_dtype) if state[k].is_floating_point() else state[k]
+                   for k in sorted(state)}
+        atomic_save_safetensors(folder / self.export_name, tensors)
+        cfg = export_config(self.base_config, self.lora and self.save_adapters, self.lora_rank, self.lora_scaling)
+        atomic_write_text(folder / "config.json", json.dumps(cfg, indent=4))
+
+    def _apply_retention(self) -> None:
+        if self.num_ckpt_keep is None:
+            return
+        ckpts = list_checkpoints(self.run_dir)
+        for _, path in ckpts[: max(0, len(ckpts) - self.num_ckpt_keep)]:
+            try:
+                shutil.rmtree(path)
+                logger.info("removed old checkpoint %s (num_ckpt_keep=%d)", path, self.num_ckpt_keep)
+            except OSError as e:
+                logger.warning("could not remove old checkpoint %s: %s", path, e)
+
+    # -- load ----------------------------------------------------------------------------------------------
+
+    def check_compatible(self, folder: Path) -> dict[str, Any]:
+        """Reads `trainer.json`; raises `ResumeMismatchError` naming every config key that changed."""
+        meta = json.loads((folder / "resume" / "trainer.json").read_text(encoding="utf-8"))
+        saved = meta.get("fingerprint", {})
+        changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+        problems = [f"{k}: {saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now" for k in changed]
+        if meta.get("world_size") != get_world_size():
+            problems.append(f"world size (number of processes): {meta.get('world_size')} in the checkpoint, "
+                            f"{get_world_size()} now (the data position is per rank)")
+        if problems:
+            raise ResumeMismatchError(
+                f"cannot resume from {folder}: the configuration changed in keys that matter:\n  - "
+                + "\n  - ".join(problems)
+                + "\nrestore them, or start a new run (another run_dir, or overwrite_run_dir: true)"
+            )
+        return meta
+
+    def load(self, folder: Path, apply_rng: bool = True) -> tuple[int, dict[str, Any]]:
+        """Restores model and optimizer from `folder`; returns ``(step, this rank's state)``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        meta = self.check_compatible(folder)
+        state = self._dcp_state()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(state, checkpoint_id=str(folder / "resume"))
+        opts = StateDictOptions(ignore_frozen_params=self.lora, strict=not self.lora)
+        set_model_state_dict(self.model, state["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=opts)
+        rank_file = folder / "resume" / f"rank_{get_rank():05d}.pt"
+        if not rank_file.is_file():
+            raise CheckpointError(f"{rank_file} is missing: the checkpoint was written by fewer ranks")
+        rank_state = _from_safe(torch.load(rank_file, map_location="cpu", weights_only=True))
+        if apply_rng:
+            set_rng_state(rank_state["rng"])
+        logger.info("resumed from %s (step %d)", folder, meta["step"])
+        return int(meta["step"]), rank_state
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,262 @@
+"""Masked, weighted cross-entropy for Moshi's text and audio heads (reference 5.4).
+
+Each part returns a weighted *sum* and the *sum of weights* instead of a mean, so the trainer can
+normalise by the weight total of the whole optimizer step (all micro-batches, all ranks). Dividing
+each micro-batch by its own weight sum (upstream) over-weights micro-batches with few real tokens;
+with equal weight sums both give the same number.
+
+Weights (5.4):
+  text:  m · (text_padding_weight if target ∈ {PAD, EPAD} else 1)
+  audio: m · (first_codebook_weight_multiplier if codebook == 0 else 1)
+where m is the model's validity mask (code != -1 and not in the undelayed tail). Masked positions
+contribute exactly 0 to value and gradient even though the model fills them with NaN.
+
+:func:`chunked_linear_cross_entropy` computes ``CE(hidden @ weight.T)`` chunk by chunk so that a
+large-vocabulary head (DSAA's ~150k text head) never materialises float32 logits for all rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Moshi's text PAD (3) and EPAD (0) ids; both are down-weighted by `text_padding_weight`.
+DEFAULT_TEXT_PADDING_IDS: tuple[int, ...] = (3, 0)
+
+
+@dataclass
+class LossTerms:
+    """Weighted CE sums and weight sums of one or more micro-batches (all 0-dim float32 tensors).
+
+    Terms add up (``a + b``) across micro-batches; :meth:`total` normalises by given weight totals.
+    """
+
+    text_sum: torch.Tensor
+    text_weight: torch.Tensor
+    audio_sum: torch.Tensor
+    audio_weight: torch.Tensor
+
+    def __add__(self, other: LossTerms) -> LossTerms:
+        return LossTerms(
+            self.text_sum + other.text_sum,
+            self.text_weight + other.text_weight,
+            self.audio_sum + other.audio_sum,
+            self.audio_weight + other.audio_weight,
+        )
+
+    def detach(self) -> LossTerms:
+        return LossTerms(*(t.detach() for t in self.as_tuple()))
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.text_sum, self.text_weight, self.audio_sum, self.audio_weight
+
+    def as_vector(self) -> torch.Tensor:
+        """``[text_sum, text_weight, audio_sum, audio_weight]``: one tensor, so one all-reduce."""
+        return torch.stack([t.float() for t in self.as_tuple()])
+
+    @classmethod
+    def from_vector(cls, v: torch.Tensor) -> LossTerms:
+        return cls(v[0], v[1], v[2], v[3])
+
+    def total(
+        self, text_weight_total: torch.Tensor | float | None = None,
+        audio_weight_total: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``text_sum / W_text + audio_sum / W_audio`` (the weight totals default to this object's own)."""
+        wt = self.text_weight if text_weight_total is None else text_weight_total
+        wa = self.audio_weight if audio_weight_total is None else audio_weight_total
+        return _safe_div(self.text_sum, wt) + _safe_div(self.audio_sum, wa)
+
+    @property
+    def text_loss(self) -> torch.Tensor:
+        """Weighted mean text CE (natural log)."""
+        return _safe_div(self.text_sum, self.text_weight)
+
+    @property
+    def audio_loss(self) -> torch.Tensor:
+        """Weighted mean audio CE (natural log)."""
+        return _safe_div(self.audio_sum, self.audio_weight)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
+    # A part with no valid target (e.g. a chunk of silence with all text masked) contributes 0, not NaN.
+    den_t = torch.as_tensor(den, dtype=torch.float32, device=num.device)
+    return num / den_t.clamp_min(1e-12)
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ w · CE(logits, targets), Σ w)`` in float32; positions with ``w == 0`` contribute exactly 0.
+
+    Args:
+        logits (Tensor): ``[..., V]``, any float dtype, may hold NaN where ``weights == 0``.
+        targets (Tensor): ``[...]`` int64, may hold -1 where ``weights == 0``.
+        weights (Tensor): ``[...]`` float, ≥ 0.
+    """
+    if logits.shape[:-1] != targets.shape or targets.shape != weights.shape:
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, "
+            f"weights {tuple(weights.shape)}"
+        )
+    weights = weights.float()
+    valid = weights > 0
+    # Non-in-place fill: the gradient at masked positions is 0 and NaNs never reach the softmax.
+    z = logits.float().masked_fill(~valid.unsqueeze(-1), 0.0)
+    y = targets.masked_fill(~valid, 0)
+    ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="none")
+    return (ce * weights.reshape(-1)).sum(), weights.sum()
+
+
+def text_loss_weights(
+    targets: torch.Tensor, mask: torch.Tensor, text_padding_weight: float,
+    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+) -> torch.Tensor:
+    """Per-position text weights ``[B, 1, T]`` (float32): mask × (α for PAD/EPAD targets, else 1)."""
+    is_pad = torch.zeros_like(targets, dtype=torch.bool)
+    for pad_id in text_padding_ids:
+        is_pad |= targets == pad_id
+    w = torch.where(is_pad, float(text_padding_weight), 1.0)
+    return w * mask.float()
+
+
+def audio_loss_weights(mask: torch.Tensor, first_codebook_weight_multiplier: float) -> torch.Tensor:
+    """Per-position audio weights ``[B, K, T]`` (float32): mask × (β on codebook 0, else 1)."""
+    k = mask.shape[1]
+    per_codebook = torch.ones(k, dtype=torch.float32, device=mask.device)
+    per_codebook[0] = float(first_codebook_weight_multiplier)
+    return mask.float() * per_codebook[None, :, None]
+
+
+def moshi_loss_terms(
+    text_logits: torch.Tensor,
+    text_mask: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    codes: torch.Tensor,
+    first_codebook_weight_multiplier: float = 1.0,
+    text_padding_weight: float = 0.5,
+    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+) -> LossTerms:
+    """The loss terms of one micro-batch from an ``LMOutput``'s fields and the input codes.
+
+    Args:
+        text_logits (Tensor): ``[B, 1, T, text_card]``.
+        text_mask (Tensor): bool ``[B, 1, T]``.
+        logits (Tensor): ``[B, dep_q, T, card]``.
+        mask (Tensor): bool ``[B, dep_q, T]``.
+        codes (Tensor): ``[B, K, T]``; row 0 is the text target, rows ``1..dep_q`` the audio targets.
+    """
+    dep_q = logits.shape[1]
+    text_targets = codes[:, :1]
+    audio_targets = codes[:, 1 : 1 + dep_q]
+    wt = text_loss_weights(text_targets, text_mask, text_padding_weight, text_padding_ids)
+    wa = audio_loss_weights(mask, first_codebook_weight_multiplier)
+    ts, tw = weighted_cross_entropy(text_logits, text_targets, wt)
+    aus, aw = weighted_cross_entropy(logits, audio_targets, wa)
+    return LossTerms(ts, tw, aus, aw)
+
+
+def loss_weight_sums_from_codes(
+    codes: torch.Tensor,
+    delays: Sequence[int],
+    dep_q: int,
+    first_codebook_weight_multiplier: float = 1.0,
+    text_padding_weight: float = 0.5,
+    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(text, audio)`` weight sums :func:`moshi_loss_terms` will find, computed before the forward.
+
+    The model's masks depend only on the codes (``!= -1``) and the delays (the last ``d`` frames of a
+    stream with delay ``d`` have no target), so the trainer can know the step's normaliser before any
+    backward and give every micro-batch its exact share of the gradient.
+    """
+    t = codes.shape[-1]
+    frames = torch.arange(t, device=codes.device)
+
+    def _mask(rows: slice, row_delays: Sequence[int]) -> torch.Tensor:
+        d = torch.tensor(list(row_delays), device=codes.device)
+        return (codes[:, rows] != -1) & (frames[None, None, :] < (t - d)[None, :, None])
+
+    text_mask = _mask(slice(0, 1), delays[:1])
+    audio_mask = _mask(slice(1, 1 + dep_q), delays[1 : 1 + dep_q])
+    wt = text_loss_weights(codes[:, :1], text_mask, text_padding_weight, text_padding_ids)
+    wa = audio_loss_weights(audio_mask, first_codebook_weight_multiplier)
+    return wt.sum(), wa.sum()
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Fused ``linear → float32 CE`` over row chunks; gradients are computed in the forward pass.
+
+    Computing the gradient while the chunk's logits are at hand (instead of saving them or recomputing
+    them in backward) keeps peak memory at one chunk of logits and costs no extra matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, chunk_size, grad_enabled):  # type: ignore[override]
+        n = hidden.shape[0]
+        # Grad mode is always off inside forward; the caller's mode comes in as `grad_enabled`.
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w_all = weights.float()
+        for start in range(0, n, chunk_size):
+            h = hidden[start : start + chunk_size]
+            w = w_all[start : start + chunk_size]
+            y = targets[start : start + chunk_size].clamp_min(0)
+            z = (h @ weight.t()).float()  # [c, V], same rounding as F.linear(h, W).float()
+            lse = torch.logsumexp(z, dim=-1)
+            tgt = z.gather(1, y[:, None]).squeeze(1)
+            total += ((lse - tgt) * w).sum()
+            if need_h or need_w:
+                g = torch.softmax(z, dim=-1)  # d CE / d z = softmax - onehot
+                g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+                g *= w[:, None]
+                g = g.to(hidden.dtype)
+                if need_h:
+                    grad_h[start : start + chunk_size] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h if need_h else None, grad_w.to(weight.dtype) if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ w · CE(hidden @ weight.T, targets), Σ w)`` without float32 logits for all rows at once.
+
+    Args:
+        hidden (Tensor): ``[N, D]`` (rows with weight 0 may be anything finite; better: drop them).
+        weight (Tensor): ``[V, D]`` head weight (no bias). Under FSDP, call this inside the forward of
+            the module that owns ``weight`` so it is unsharded.
+        targets (Tensor): ``[N]`` int64; entries with weight 0 may be -1.
+        weights (Tensor): ``[N]`` ≥ 0.
+        chunk_size (int): rows per chunk; peak extra memory ≈ ``chunk_size × V × 4`` bytes (×2 in training).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, D] and weight [V, D], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if targets.shape != (hidden.shape[0],) or weights.shape != (hidden.shape[0],):
+        raise ValueError(f"targets/weights must be [N={hidden.shape[0]}], got {tuple(targets.shape)}, {tuple(weights.shape)}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    total = _ChunkedLinearCE.apply(
+        hidden, weight, targets, weights.detach(), int(chunk_size), torch.is_grad_enabled()
+    )
+    return total, weights.float().sum()

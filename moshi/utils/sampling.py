@@ -1,0 +1,59 @@
+"""Token sampling for streaming generation.
+
+Sampling uses the "exponential race" (``argmax p_i / E_i`` with ``E_i ~ Exp(1)``), which draws from ``p`` without
+a host sync and consumes the RNG exactly like Kyutai's sampler, so seeded runs can be compared with theirs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def multinomial_exponential(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample per row of ``probs [..., V]`` → ``[..., 1]`` (indices)."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / noise, dim=-1, keepdim=True)
+
+
+def sample_top_k(probs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Samples among the ``k`` most likely entries of ``probs [..., V]`` → ``[..., 1]``."""
+    k = min(k, probs.shape[-1])
+    top_probs, top_indices = torch.topk(probs, k, dim=-1)
+    choice = multinomial_exponential(top_probs, generator=generator)
+    return top_indices.gather(-1, choice)
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Nucleus sampling: keeps the smallest set of entries whose mass reaches ``p`` → ``[..., 1]``."""
+    sorted_probs, sorted_indices = torch.sort(probs, dim=-1, descending=True)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    sorted_probs = torch.where(cumulative - sorted_probs > p, torch.zeros_like(sorted_probs), sorted_probs)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    choice = multinomial_exponential(sorted_probs, generator=generator)
+    return sorted_indices.gather(-1, choice)
+
+
+def sample_token(
+    logits: torch.Tensor,
+    use_sampling: bool = False,
+    temp: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Picks one token per row of ``logits [..., V]`` → int64 ``[...]``.
+
+    Greedy (argmax) unless ``use_sampling`` and ``temp > 0``; then samples ``softmax(logits / temp)`` restricted
+    to the top ``top_k`` (if > 0) or the top-``top_p`` mass (if > 0).
+    """
+    if use_sampling and temp > 0.0:
+        probs = torch.softmax(logits / temp, dim=-1)
+        if top_p > 0.0:
+            token = sample_top_p(probs, top_p, generator=generator)
+        elif top_k > 0:
+            token = sample_top_k(probs, top_k, generator=generator)
+        else:
+            token = multinomial_exponential(probs, generator=generator)
+    else:
+        token = torch.argmax(logits, dim=-1, keepdim=True)
+    return token[..., 0]

@@ -1,0 +1,144 @@
+"""The loss of reference 5.4, checked against an explicit per-position loop."""
+
+import math
+
+import pytest
+import torch
+
+from finetune.loss import (
+    LossTerms,
+    chunked_linear_cross_entropy,
+    loss_weight_sums_from_codes,
+    moshi_loss_terms,
+    weighted_cross_entropy,
+)
+
+
+def _reference_part(logits, targets, mask, weight_fn):
+    """Σ w·CE / Σ w with a Python loop over positions (the definition, written out)."""
+    num, den = 0.0, 0.0
+    b, k, t = targets.shape
+    for i in range(b):
+        for j in range(k):
+            for s in range(t):
+                if not mask[i, j, s]:
+                    continue
+                w = weight_fn(j, int(targets[i, j, s]))
+                z = logits[i, j, s].double()
+                ce = torch.logsumexp(z, 0) - z[targets[i, j, s]]
+                num += w * float(ce)
+                den += w
+    return num, den
+
+
+def _fake_output(b=2, dep_q=3, t=7, card=11, text_card=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, card, (b, 1 + 2 * dep_q, t), generator=g)
+    codes[:, 0] = torch.randint(0, text_card, (b, t), generator=g)
+    codes[0, 0, :3] = torch.tensor([3, 0, 3])  # PAD / EPAD targets
+    codes[1, 2, 4] = -1  # a ZERO audio token
+    codes[1, 0, 5] = -1  # a ZERO text token
+    delays = [0] + [0] + [1] * (dep_q - 1) + [0] + [1] * (dep_q - 1)
+    mask = codes[:, 1 : 1 + dep_q] != -1
+    for k in range(dep_q):
+        d = delays[1 + k]
+        if d:
+            mask[:, k, t - d :] = False
+    text_mask = codes[:, :1] != -1
+    logits = torch.randn(b, dep_q, t, card, generator=g)
+    logits[~mask] = float("nan")  # the model's NaN fill at invalid positions
+    text_logits = torch.randn(b, 1, t, text_card, generator=g)
+    text_logits[~text_mask] = float("nan")
+    return codes, delays, logits, mask, text_logits, text_mask
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.5, 1.0), (0.5, 100.0), (0.0, 3.0), (1.0, 1.0)])
+def test_loss_matches_per_position_definition(alpha, beta):
+    codes, delays, logits, mask, text_logits, text_mask = _fake_output()
+    terms = moshi_loss_terms(text_logits, text_mask, logits, mask, codes, beta, alpha)
+    tn, td = _reference_part(
+        text_logits, codes[:, :1], text_mask, lambda k, y: alpha if y in (3, 0) else 1.0
+    )
+    an, ad = _reference_part(logits, codes[:, 1:4], mask, lambda k, y: beta if k == 0 else 1.0)
+    assert terms.text_sum.dtype == torch.float32
+    assert float(terms.text_weight) == pytest.approx(td)
+    assert float(terms.audio_weight) == pytest.approx(ad)
+    assert float(terms.text_loss) == pytest.approx(tn / td, rel=1e-5)
+    assert float(terms.audio_loss) == pytest.approx(an / ad, rel=1e-5)
+    assert float(terms.total()) == pytest.approx(tn / td + an / ad, rel=1e-5)
+
+
+def test_masked_nan_positions_give_finite_zero_gradients():
+    codes, _, logits, mask, text_logits, text_mask = _fake_output()
+    logits.requires_grad_(True)
+    text_logits.requires_grad_(True)
+    terms = moshi_loss_terms(text_logits, text_mask, logits, mask, codes, 100.0, 0.5)
+    terms.total().backward()
+    assert torch.isfinite(terms.total())
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(text_logits.grad).all()
+    assert (logits.grad[~mask] == 0).all()
+    assert (text_logits.grad[~text_mask] == 0).all()
+    assert (logits.grad[mask].abs().sum(-1) > 0).all()
+
+
+def test_weight_sums_from_codes_equal_the_model_masks():
+    codes, delays, logits, mask, text_logits, text_mask = _fake_output()
+    terms = moshi_loss_terms(text_logits, text_mask, logits, mask, codes, 7.0, 0.25)
+    wt, wa = loss_weight_sums_from_codes(codes, delays, 3, 7.0, 0.25)
+    assert float(wt) == float(terms.text_weight)
+    assert float(wa) == float(terms.audio_weight)
+
+
+def test_terms_add_and_normalise_by_step_totals():
+    a = LossTerms(*(torch.tensor(x) for x in (2.0, 4.0, 6.0, 3.0)))
+    b = LossTerms(*(torch.tensor(x) for x in (1.0, 1.0, 3.0, 3.0)))
+    s = a + b
+    assert s.as_tuple() == tuple(torch.tensor(x) for x in (3.0, 5.0, 9.0, 6.0))
+    assert float(s.total()) == pytest.approx(3 / 5 + 9 / 6)
+    # Each micro-batch divided by the step totals sums to the step's loss.
+    assert float(a.total(5.0, 6.0) + b.total(5.0, 6.0)) == pytest.approx(float(s.total()))
+    assert float(LossTerms.from_vector(s.as_vector()).total()) == pytest.approx(float(s.total()))
+    empty = LossTerms(*(torch.tensor(0.0) for _ in range(4)))
+    assert float(empty.total()) == 0.0
+
+
+def test_weighted_cross_entropy_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        weighted_cross_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("dtype,chunk", [(torch.float32, 3), (torch.float32, 64), (torch.bfloat16, 4)])
+def test_chunked_linear_ce_equals_plain_computation(dtype, chunk):
+    g = torch.Generator().manual_seed(1)
+    n, d, v = 10, 8, 37
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_(True)
+    w = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dtype).requires_grad_(True)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[2] = -1
+    wts = torch.rand(n, generator=g)
+    wts[2] = 0.0
+    s, ws = chunked_linear_cross_entropy(h, w, y, wts, chunk_size=chunk)
+    (2.0 * s).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    s_ref, ws_ref = weighted_cross_entropy(torch.nn.functional.linear(h, w), y, wts)
+    (2.0 * s_ref).backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(s, s_ref, **tol)
+    assert float(ws) == pytest.approx(float(ws_ref))
+    torch.testing.assert_close(gh, h.grad, **tol)
+    torch.testing.assert_close(gw, w.grad, **tol)
+
+
+def test_chunked_linear_ce_frozen_head_and_no_grad():
+    h = torch.randn(5, 4, requires_grad=True)
+    w = torch.randn(9, 4)  # frozen head: only the hidden gradient is produced
+    y = torch.randint(0, 9, (5,))
+    s, _ = chunked_linear_cross_entropy(h, w, y, torch.ones(5), chunk_size=2)
+    s.backward()
+    assert h.grad is not None and w.grad is None
+    with torch.no_grad():
+        s2, _ = chunked_linear_cross_entropy(h, w, y, torch.ones(5), chunk_size=2)
+    assert float(s2) == pytest.approx(float(s.detach()))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_linear_cross_entropy(h, w, y, torch.ones(5), chunk_size=0)

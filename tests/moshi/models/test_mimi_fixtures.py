@@ -1,0 +1,109 @@
+"""Mimi against the numbers Kyutai's package gives (reference §10.4): default config, §10.1 deterministic fill.
+
+One full-size model (79M parameters) is built for the whole module; the input is 3 frames (5760 samples).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moshi.models.compression import MimiModel, build_mimi
+from tests.helpers.fill import fill_state_dict
+
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def mimi() -> MimiModel:
+    torch.manual_seed(0)
+    model = build_mimi()
+    fill_state_dict(model)
+    model.set_num_codebooks(8)
+    return model
+
+
+@pytest.fixture(scope="module")
+def signal() -> torch.Tensor:
+    t = torch.arange(3 * FRAME, dtype=torch.float64)
+    x = 0.5 * torch.sin(2 * math.pi * 440 * t / 24000) + 0.2 * torch.sin(2 * math.pi * 97 * t / 24000)
+    return x.float().view(1, 1, -1)
+
+
+EXPECTED_CODES = [
+    [1372, 1112, 382], [618, 598, 1697], [678, 1440, 1440], [623, 623, 623],
+    [1232, 304, 1917], [44, 726, 644], [59, 59, 59], [1247, 1247, 1291],
+]
+
+
+@pytest.fixture(scope="module")
+def codes(mimi: MimiModel, signal: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return mimi.encode(signal)
+
+
+@pytest.fixture(scope="module")
+def decoded(mimi: MimiModel, codes: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return mimi.decode(codes)
+
+
+def test_latent_before_quantizer_matches_reference(mimi, signal):
+    with torch.inference_mode():
+        latent = mimi.encode_to_latent(signal, quantize=False)
+    assert latent.shape == (1, 512, 3)
+    expected = torch.tensor(
+        [
+            [-0.866940, -1.931015, -0.473436],
+            [2.224247, 3.666158, 3.768047],
+            [0.440737, -0.154024, 0.838061],
+            [1.383639, 0.964006, -1.612213],
+        ]
+    )
+    torch.testing.assert_close(latent[0, :4], expected, rtol=0, atol=1e-4)
+    assert latent.abs().double().sum().item() == pytest.approx(3889.8498, abs=2e-2)
+
+
+def test_codes_match_reference(codes):
+    assert codes.dtype == torch.int64
+    assert codes.tolist() == [EXPECTED_CODES]
+
+
+def test_quantized_latent_matches_reference(mimi, codes):
+    with torch.inference_mode():
+        quantized = mimi.quantizer.decode(codes)
+    assert quantized.shape == (1, 512, 3)
+    assert quantized.abs().double().sum().item() == pytest.approx(249.74469, abs=1e-3)
+    torch.testing.assert_close(quantized[0, :3, 0], torch.tensor([0.230839, 0.166221, 0.044071]), rtol=0, atol=1e-5)
+
+
+def test_decode_matches_reference(decoded):
+    assert decoded.shape == (1, 1, 3 * FRAME)
+    y = decoded[0, 0]
+    first = torch.tensor([-0.0247101, -0.1478445, -0.0092619, -0.0654877, -0.0675002])
+    torch.testing.assert_close(y[:5], first, rtol=0, atol=1e-5)
+    torch.testing.assert_close(y[1920:1923], torch.tensor([-0.1302740, -0.1710880, -0.2143126]), rtol=0, atol=1e-5)
+    assert y.abs().double().sum().item() == pytest.approx(1301.5169, abs=1e-2)
+
+
+def test_partial_frame_is_zero_padded_to_whole_frames(mimi, signal):
+    with torch.inference_mode():
+        codes = mimi.encode(signal[..., :2020])
+        padded = torch.nn.functional.pad(signal[..., :2020], (0, 2 * FRAME - 2020))
+        expected = mimi.encode(padded)
+    assert codes.shape == (1, 8, 2)
+    assert torch.equal(codes, expected)
+
+
+def test_streaming_encode_gives_identical_codes(mimi, signal, codes):
+    with torch.inference_mode(), mimi.streaming(1):
+        streamed = torch.cat([mimi.encode(chunk) for chunk in signal.split(FRAME, dim=-1)], dim=-1)
+    assert torch.equal(streamed, codes)
+
+
+def test_streaming_decode_matches_one_shot(mimi, codes, decoded):
+    with torch.inference_mode(), mimi.streaming(1):
+        streamed = torch.cat([mimi.decode(codes[..., t : t + 1]) for t in range(codes.shape[-1])], dim=-1)
+    torch.testing.assert_close(streamed, decoded, rtol=0, atol=1e-5)
