@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import gc
 import importlib
-import inspect
 import logging
 import os
 import sys
@@ -233,15 +232,14 @@ def keep_silence_around_vad_segments(seconds: float) -> Iterator[None]:
         return
     module = importlib.import_module("whisper_timestamped.transcribe")
     original = module.get_vad_segments
-    signature = inspect.signature(original)
 
     def widened(audio, *args, **kwargs):
+        # whisper-timestamped's signature: (audio, sample_rate=16000, output_sample=False, ...)
+        sr = kwargs.get("sample_rate", args[0] if len(args) > 0 else WHISPER_SAMPLE_RATE)
+        in_samples = kwargs.get("output_sample", args[1] if len(args) > 1 else False)
         segments = original(audio, *args, **kwargs)
-        bound = signature.bind(audio, *args, **kwargs)
-        bound.apply_defaults()
-        sr = bound.arguments["sample_rate"]
         n = audio.shape[-1]
-        if bound.arguments["output_sample"]:
+        if in_samples:
             return widen_segments(segments, round(seconds * sr), n)
         return widen_segments(segments, seconds, n / sr)
 

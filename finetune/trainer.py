@@ -166,11 +166,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.
 
     With `optim.cycle_momentum: true` (upstream's behaviour) beta1 cycles 0.95 → 0.85 → 0.95.
     """
+    pct = args.optim.pct_start
+    if abs(pct * args.total_steps - 1.0) < 1e-9:
+        # torch's warm-up phase would end at step 0 and divide by zero (e.g. 20 steps × 0.05): one warm-up
+        # step either way, so nudge the fraction.
+        pct *= 1.0 + 1e-6
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[g["lr"] for g in optimizer.param_groups],
         total_steps=args.total_steps,
-        pct_start=args.optim.pct_start,
+        pct_start=pct,
         cycle_momentum=args.optim.cycle_momentum,
     )
 
@@ -380,6 +385,7 @@ class Trainer:
             if a.do_ckpt and self._is_due(a.ckpt_freq):
                 assert self.checkpointer is not None
                 self.checkpointer.save(self.step, self._rank_state())
+                _maybe_kill_after_checkpoint(self.step)
         if last is not None:
             logger.info("done: %d steps, final loss %.4f", self.step, last.loss)
 
@@ -418,6 +424,15 @@ class Trainer:
         close = getattr(getattr(self, "data", None), "close", None)
         if callable(close):
             close()
+
+
+def _maybe_kill_after_checkpoint(step: int) -> None:
+    """Test hook: `MOSHI_FT_KILL_AFTER_CHECKPOINT=N` SIGKILLs the process right after checkpoint N."""
+    if os.environ.get("MOSHI_FT_KILL_AFTER_CHECKPOINT") == str(step):
+        import signal
+
+        logger.warning("test hook: SIGKILL after checkpoint %d", step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _default_raw_config() -> dict[str, Any]:

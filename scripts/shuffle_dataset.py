@@ -14,6 +14,7 @@ other keys of each line are kept.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ T = TypeVar("T")
 
 
 def eval_size(n: int, fraction: float | None, count: int | None) -> int:
-    """How many items go to eval: `count`, or `fraction` of `n` rounded (at least 1 when > 0)."""
+    """How many items go to eval: `count`, or `fraction` of `n` rounded half up (at least 1 when > 0)."""
     if count is not None:
         k = count
         if k < 0:
@@ -38,7 +39,7 @@ def eval_size(n: int, fraction: float | None, count: int | None) -> int:
         f = 0.0 if fraction is None else fraction
         if not 0 <= f < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {f}")
-        k = max(1, round(n * f)) if f > 0 else 0
+        k = max(1, math.floor(n * f + 0.5)) if f > 0 else 0  # half rounds up
     if k >= n and n > 0:
         raise ValueError(f"eval split of {k} leaves no training data ({n} items in the manifest)")
     return k

@@ -83,22 +83,37 @@ def _change_rate(x: np.ndarray, factor: float, sample_rate: int) -> np.ndarray:
     return resample(torch.from_numpy(np.ascontiguousarray(x)), sr_in, sample_rate).numpy()
 
 
-def _stretch(x: np.ndarray, n_out: int, win: int = 1024) -> np.ndarray:
-    """Overlap-add time stretch of a 1-D signal to `n_out` samples (pitch kept)."""
+def _stretch(x: np.ndarray, n_out: int, win: int = 1024, tol: int = 256) -> np.ndarray:
+    """WSOLA time stretch of a 1-D signal to `n_out` samples (pitch kept).
+
+    Each output frame takes the input frame near its nominal position that best continues
+    the previous one (cross-correlation within `tol` samples), so periodic sounds keep
+    their phase and no beating appears at the hop rate.
+    """
     n_in = x.shape[-1]
-    if n_in == n_out or n_in < win or n_out < win:
+    if n_in == n_out or n_in < win + 2 * tol or n_out < win:
         out = np.zeros(n_out, dtype=np.float32)
         out[: min(n_in, n_out)] = x[: min(n_in, n_out)]
         return out
-    hs = win // 4
-    ha = hs * (n_in - win) / max(1, n_out - win)
+    hs = win // 2
+    ratio = (n_in - win - tol) / max(1, n_out - win)
     w = np.hanning(win).astype(np.float32)
     out = np.zeros(n_out + win, dtype=np.float32)
     norm = np.zeros(n_out + win, dtype=np.float32)
+    prev = 0
     for k in range(0, n_out - win + hs, hs):
-        a = min(int(round(k / hs * ha)), n_in - win)
+        nominal = int(round(k * ratio))
+        if k == 0:
+            a = 0
+        else:
+            template = x[prev + hs : prev + hs + win]
+            lo, hi = max(0, nominal - tol), min(n_in - win, nominal + tol)
+            region = x[lo : hi + win]
+            a = lo + int(np.argmax(np.correlate(region, template, mode="valid"))) if len(template) == win else nominal
+        a = min(max(a, 0), n_in - win)
         out[k : k + win] += x[a : a + win] * w
         norm[k : k + win] += w
+        prev = a
     norm[norm < 1e-3] = 1.0
     return (out / norm)[:n_out]
 

@@ -111,7 +111,7 @@ class AudioCodec:
         batch_sec (float): audio seconds per Mimi call (files are grouped up to this).
     """
 
-    def __init__(self, encoder: Any, device: torch.device | str | None = None, segment_sec: float = 60.0,
+    def __init__(self, encoder: Any, device: torch.device | str | None = None, segment_sec: float = 10.0,
                  batch_sec: float = 600.0):
         self.encoder = encoder
         if device is None:

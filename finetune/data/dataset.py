@@ -192,7 +192,8 @@ class SampleBuilder:
         rngs = [sample_rng(self.seed, self.rank, i) if self.aug else None for _, _, i in items]
         plans = [draw_wave_plan(self.aug, r) if self.aug and self.aug.any_wave else None for r in rngs]
         wave_idx = [k for k, p in enumerate(plans) if p is not None and p.active]
-        plain_idx = [k for k in range(len(items)) if k not in set(wave_idx)]
+        augmented = set(wave_idx)
+        plain_idx = [k for k in range(len(items)) if k not in augmented]
         out = np.full((len(items), 1 + 2 * self.nq, self.T), -1, dtype=np.int64)
 
         file_codes = self.store.get_many([items[k][0].entries[items[k][1].file] for k in plain_idx])

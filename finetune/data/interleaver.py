@@ -133,7 +133,7 @@ class Interleaver:
             if w.speaker == self.main_speaker and w.end > o and w.end > w.start:
                 st.dropped_words[STARTED_BEFORE] += 1
                 st.dropped_tokens[STARTED_BEFORE] += len(self.tokens(w.text))
-        # (start frame, end frame, tokens, word) in start order
+        # (start frame, tokens) of the kept words, in start order
         placed: list[tuple[int, list[int]]] = []
         for w in words[lo:hi]:
             if w.speaker != self.main_speaker:

@@ -29,11 +29,11 @@ logger = get_logger(__name__)
 
 
 def lm_audio_codebooks(lm_config: dict[str, Any] | None) -> int:
-    """Mimi codebooks per channel the LM consumes: max(dep_q, n_q - dep_q); 8 for moshiko."""
-    if not lm_config:
-        return 8
-    n_q, dep_q = int(lm_config.get("n_q", 16)), int(lm_config.get("dep_q", 8))
-    return max(dep_q, n_q - dep_q)
+    """Mimi codebooks per channel the LM reads: `n_q // 2` (8 for moshiko), as the trainer sets them.
+
+    The count is part of the cache key, so precompute and training must agree on it.
+    """
+    return int((lm_config or {}).get("n_q", 16)) // 2
 
 
 def precompute(entries: Sequence[ManifestEntry], store: CodesStore, rank: int = 0, world_size: int = 1,
@@ -104,10 +104,9 @@ def main(config: str, device: str = "auto", eval: bool = True) -> None:
     info = loaders.CheckpointInfo.from_hf_repo(mp.hf_repo_id, moshi_weights=mp.moshi_path,
                                                mimi_weights=mp.mimi_path, tokenizer=mp.tokenizer_path,
                                                config_path=mp.config_path)
-    if not hasattr(info, "get_mimi"):
-        raise SystemExit("moshi.models.loaders.CheckpointInfo has no get_mimi: update the moshi package")
-    mimi = info.get_mimi(device=dev)
-    mimi.set_num_codebooks(lm_audio_codebooks(info.lm_config))
+    mimi = loaders.get_mimi(info.mimi_weights, mimi_config=info.mimi_config, device=dev,
+                            num_codebooks=lm_audio_codebooks(info.lm_config))
+    mimi.eval()
     store = CodesStore(AudioCodec(mimi, device=dev), args.data.cache_dir)
     fr = store.codec.frame_rate
     sources = load_sources(args.data.train_data, "data.train_data", args.duration_sec, fr)

@@ -492,39 +492,41 @@ def save_dsaa_checkpoint(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Writes a DSAA checkpoint folder atomically (temporary folder, then rename).
+    """Writes a DSAA checkpoint into ``out_dir`` (created if needed): weights, ``tokenizer/``, ``config.json``.
+
+    Each item is written atomically (temporary name, then rename) and ``config.json`` comes last, so a folder
+    with a ``config.json`` is always complete. Other files in ``out_dir`` are left alone (``weights/`` may also
+    hold the source checkpoint).
 
     Args:
         model (DSAAModel): the model.
-        out_dir: the folder to create; an existing one is an error unless ``overwrite``.
+        out_dir: the checkpoint folder.
         tokenizer: the LLM tokenizer (saved with ``save_pretrained`` under ``tokenizer/``).
         hf_repo_id (str), revision (str | None): where the LLM came from (recorded in the ``dsaa`` block).
         save_weights (bool): embed the LLM tensors (else ``llm_weights: "reference"``).
         weights_name (str): ``model.safetensors`` (setup) or ``consolidated.safetensors`` (training).
+        overwrite (bool): replace an existing checkpoint in ``out_dir`` (else ``FileExistsError``).
         dtype (torch.dtype | None): cast floating tensors before writing.
 
     Returns:
         The folder.
     """
-    from finetune.atomic import atomic_dir
+    from finetune.atomic import atomic_dir, atomic_save_safetensors, atomic_write_text
 
     if weights_name not in WEIGHT_NAMES:
         raise ValueError(f"weights_name must be one of {list(WEIGHT_NAMES)}, got {weights_name!r}")
-    from safetensors.torch import save_file
-
-    state = {
-        k: v.detach().to("cpu").contiguous()
-        for k, v in _cast(dsaa_state_dict(model, save_weights), dtype).items()
-    }
-    config = dsaa_config(model, hf_repo_id, revision, save_weights)
     out = Path(out_dir)
-    try:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            save_file(state, str(tmp / weights_name), metadata={"format": "pt"})
-            (tmp / "config.json").write_text(
-                json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8"
-            )
-            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-    except FileExistsError:
-        raise FileExistsError(f"{out} already exists (pass --force / overwrite=True to replace it)") from None
+    existing = [out / n for n in (weights_name, "config.json", TOKENIZER_DIR) if (out / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a checkpoint ({', '.join(p.name for p in existing)}); "
+            "pass --force (overwrite=True) to replace it"
+        )
+    state = _cast(dsaa_state_dict(model, save_weights), dtype)
+    config = dsaa_config(model, hf_repo_id, revision, save_weights)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(out / weights_name, state, metadata={"format": "pt"})
+    with atomic_dir(out / TOKENIZER_DIR, overwrite=True) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out

@@ -530,20 +530,32 @@ class LMModel(StreamingContainer):
         return x + self.text_emb(sequence[:, 0])
 
     def forward_text(
-        self, sequence: torch.Tensor, condition_tensors: Any = None
+        self,
+        sequence: torch.Tensor,
+        sum_condition: torch.Tensor | None = None,
+        cross_attention_src: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Temporal pass over already-delayed ``sequence [B, K, T]``.
+
+        Args:
+            sequence (torch.Tensor): int64 ``[B, K, T]``, delayed layout.
+            sum_condition (torch.Tensor | None): ``[B, T or 1, dim]`` added to the input embeddings (the "sum"
+                conditioning of conditioned models), cast to their dtype.
+            cross_attention_src: not supported (must be None).
 
         Returns:
             ``(transformer_out [B, T, dim], text_logits [B, 1, T, text_card_out])``; ``transformer_out`` is after
             ``out_norm`` and feeds both heads.
         """
-        if condition_tensors:
-            raise NotImplementedError("condition_tensors are not supported")
+        if cross_attention_src is not None:
+            raise NotImplementedError("cross-attention conditioning is not supported")
         B, K, T = sequence.shape
         if K != self.num_codebooks:
             raise ValueError(f"sequence has {K} streams, expected {self.num_codebooks}")
-        transformer_out = self.out_norm(self.transformer(self.embed_codes(sequence)))
+        x = self.embed_codes(sequence)
+        if sum_condition is not None:
+            x = x + sum_condition.to(x.dtype)
+        transformer_out = self.out_norm(self.transformer(x))
         text_logits = self.text_linear(transformer_out)[:, None]
         return transformer_out, text_logits
 
@@ -607,8 +619,10 @@ class LMModel(StreamingContainer):
         B, K, T = codes.shape
         if K != self.num_codebooks:
             raise ValueError(f"codes has {K} streams, expected num_codebooks = {self.num_codebooks}")
+        if condition_tensors:
+            raise NotImplementedError("condition_tensors (conditioned models) are not supported")
         delayed = delay_codes(codes, self.delays, self.initial_tokens(codes.device))
-        transformer_out, text_logits = self.forward_text(delayed[:, :, :-1], condition_tensors)
+        transformer_out, text_logits = self.forward_text(delayed[:, :, :-1])
         if self.depformer is not None:
             logits = self.forward_depformer_training(delayed[:, :, 1:], transformer_out)
         else:

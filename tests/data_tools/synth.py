@@ -57,5 +57,6 @@ def words(*items: tuple[str, float, float], speaker: str = MAIN_SPEAKER) -> list
 
 
 def write_manifest_lines(path: Path, lines: Sequence[dict]) -> Path:
-    path.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in lines), encoding="utf-8")
     return path

@@ -190,3 +190,25 @@ def test_mono_file_with_both_channels_fails_with_a_reason(tmp_path, tiny_whisper
     manifest = write_manifest_lines(tmp_path / "m.jsonl", [{"path": "mono.wav", "duration": 1.0}])
     assert annotate.main([str(manifest), "--whisper_model", str(tiny_whisper), "--both-channels", *FAST]) == 1
     assert "has 1 channel(s); --both-channels needs stereo" in (tmp_path / "mono.json.err").read_text()
+
+
+def test_long_files_go_through_the_vad_with_the_scoped_padding(tmp_path, tiny_whisper, monkeypatch):
+    wt = importlib.import_module("whisper_timestamped.transcribe")
+    seen = []
+    original = wt.get_vad_segments
+
+    def counting(audio, *args, **kwargs):
+        segments = original(audio, *args, **kwargs)
+        seen.append([(s["start"], s["end"]) for s in segments])
+        return segments
+
+    monkeypatch.setattr(wt, "get_vad_segments", counting)
+    make_stereo(tmp_path / "long.wav", duration=4.0, left=((1.0, 2.0), (3.0, 3.5)))
+    manifest = write_manifest_lines(tmp_path / "m.jsonl", [{"path": "long.wav", "duration": 4.0}])
+    fast = [a for a in FAST if a not in ("--vad", "none")]
+    rc = annotate.main([str(manifest), "--whisper_model", str(tiny_whisper), "--vad", "auditok",
+                        "--vad_min_duration", "1", "--keep_silence_in_segments", "0.25", *fast])
+    assert rc == 0
+    assert len(seen) == 1 and seen[0]  # the VAD ran once, on the left channel
+    assert wt.get_vad_segments is counting  # the padding wrapper was removed afterwards
+    assert all(0 <= w.start <= w.end <= 4.0 for w in load_alignments(tmp_path / "long.json", duration=4.0))

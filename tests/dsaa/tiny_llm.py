@@ -48,3 +48,44 @@ def tiny_llm_config(
     if arch == "llama":
         return LlamaConfig(**common)
     raise ValueError(arch)
+
+
+def tiny_dsaa(
+    hidden: int = 32,
+    arch: str = "qwen2",
+    tie: bool = True,
+    max_pos: int = 64,
+    proj_hidden: int | None = None,
+    seed: int = 0,
+    **lm_overrides,
+):
+    """A float32, eval-mode DSAA model: the small Moshi config, a tiny LLM built from its config (weights
+    N(0, 0.2) so its outputs are not near zero), DSAA modules initialised as setup_new_model does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moshi.models.dsaa import DSAAModel, initialize_dsaa_modules
+    from tests.helpers.configs import small_lm_kwargs
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        llm = AutoModelForCausalLM.from_config(tiny_llm_config(hidden, arch, tie, max_pos=max_pos)).float()
+        with torch.no_grad():
+            for p in llm.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.2)
+        model = DSAAModel(
+            llm, bos_id=1, pad_id=223, epad_id=2, proj_hidden=proj_hidden, **small_lm_kwargs(**lm_overrides)
+        )
+        initialize_dsaa_modules(model, seed, warn=lambda message: None)
+    return model.eval()
+
+
+def random_codes(model, batch: int = 2, steps: int = 6, seed: int = 0):
+    """Random codes ``[B, K, T]``: LLM ids in the text row, audio ids below ``card`` elsewhere."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, model.card, (batch, model.num_codebooks, steps), generator=g)
+    codes[:, 0] = torch.randint(0, model.dims.text_in_vocab, (batch, steps), generator=g)
+    return codes

@@ -36,9 +36,33 @@ def spm_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_mimi():
+    """Tiny Mimi whose codebooks are drawn from its own latents of synthetic speech.
+
+    With random centroids, the latents of a random tiny encoder all fall nearest to the same
+    codeword; drawing centroids from the data makes codes vary with the audio, so tests
+    comparing codes can fail.
+    """
+    import torch
+
     from moshi.models.compression import TINY_MIMI_CONFIG, build_mimi
 
-    return build_mimi(TINY_MIMI_CONFIG)
+    torch.manual_seed(0)
+    mimi = build_mimi(TINY_MIMI_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.from_numpy(synth_stereo(4.0, 24000, s))[:, None] for s in range(4)])
+    with torch.no_grad():
+        latent = mimi.encode_to_latent(x, quantize=False)
+        for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
+            residual = rvq.input_proj(latent).float()
+            for layer in rvq.vq.layers:
+                cb = layer._codebook
+                vecs = residual.transpose(1, 2).reshape(-1, cb.dim)
+                pick = torch.randint(len(vecs), (cb.codebook_size,), generator=g)
+                noise = 0.1 * vecs.std(0) * torch.randn(cb.codebook_size, cb.dim, generator=g)
+                cb.embedding_sum.copy_(vecs[pick] + noise)
+                cb.cluster_usage.fill_(1.0)
+                residual = residual - layer.decode(layer.encode(residual))
+    return mimi
 
 
 def synth_stereo(duration: float, sr: int, seed: int, channels: int = 2) -> np.ndarray:
