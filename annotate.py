@@ -184,9 +184,12 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+    return dev
 
 
 def load_whisper(cfg: AnnotateConfig) -> Any:

@@ -267,8 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with torch.no_grad():
-        run(ns.config, ns.out, force=ns.force, keep_adapters=ns.keep_adapters)
+    try:
+        with torch.no_grad():
+            run(ns.config, ns.out, force=ns.force, keep_adapters=ns.keep_adapters)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # user errors: the message names the key
+        print(f"setup_new_model: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
