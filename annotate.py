@@ -181,14 +181,19 @@ def skip_reason(audio: Path, rerun_errors: bool = False, min_bytes: int = 1000) 
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`auto`/`cpu`/`cuda` as everywhere in the toolkit (`select_device`), plus an explicit `cuda:N`."""
+    from finetune.distributed import select_device
+
     try:
+        if device in ("auto", "cpu", "cuda"):
+            return select_device(device)
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+        raise ValueError(f"--device {device}: {e}") from e
+    if dev.type != "cuda" or dev.index is None:
+        raise ValueError(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)")
+    if dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA device(s) visible here")
     return dev
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 
@@ -162,6 +163,8 @@ def apply_fsdp(
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if compute_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # FSDP2 warns that the root returns views (LMOutput's fields); the trainer never edits them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     pred = layer_predicate(units)
     n = 0
     for module in model.modules():

@@ -84,10 +84,8 @@ def read_manifest(path: str | os.PathLike, require_duration: bool = True) -> lis
 def manifest_line(path: str | os.PathLike, duration: float, relative_to: Path | None = None, **extra) -> str:
     p = Path(path)
     if relative_to is not None:
-        try:
-            p = p.resolve().relative_to(relative_to.resolve())
-        except ValueError:
-            p = p.resolve()
+        # relpath (with `..`) keeps the dataset valid when the whole tree moves.
+        p = Path(os.path.relpath(p.resolve(), relative_to.resolve()))
     return json.dumps({"path": str(p), "duration": float(duration), **extra}, ensure_ascii=False)
 
 
