@@ -75,7 +75,7 @@ def read_manifest(path: str | os.PathLike, require_duration: bool = True) -> lis
                 raise ManifestError(f"{where}: 'duration' must be > 0, got {duration!r}")
             p = Path(audio)
             if not p.is_absolute():
-                p = root / p
+                p = Path(os.path.normpath(root / p))  # collapse `..` written by write_manifest
             extra = {k: v for k, v in obj.items() if k not in ("path", "duration")}
             entries.append(ManifestEntry(p, float(duration), manifest, lineno, extra))
     return entries
