@@ -56,12 +56,19 @@ def select_device(prefer: str | None = None) -> torch.device:
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
-    """Creates the default process group when launched with torchrun; no-op otherwise or if done."""
-    if not launched_with_torchrun() or is_initialized():
+    """Creates the default process group: under torchrun (env:// rendezvous), and for a single process on
+    CUDA (an in-memory store, world size 1) because FSDP2 (our mixed precision) needs one. No-op otherwise."""
+    if is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    if launched_with_torchrun():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    elif device.type == "cuda":
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    else:
+        return
     logger.info("process group: backend %s, rank %d / %d, device %s", backend, get_rank(), get_world_size(), device)
 
 

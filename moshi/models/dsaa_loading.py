@@ -446,11 +446,17 @@ def load_dsaa_model(
 # Saving
 
 
-def dsaa_state_dict(model: DSAAModel, save_weights: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors of a DSAA checkpoint: tied LLM duplicates dropped; no ``text_llm.*`` when not ``save_weights``."""
+def dsaa_state_dict(
+    model: DSAAModel, save_weights: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a DSAA checkpoint: tied LLM duplicates dropped; no ``text_llm.*`` when not ``save_weights``.
+
+    ``state_dict`` replaces ``model.state_dict()`` (the trainer passes the full state gathered from FSDP shards).
+    """
     tied = {f"text_llm.{k}" for k in tied_llm_keys(model.text_llm.hf_model)}
     state = {}
-    for key, value in model.state_dict().items():
+    source = model.state_dict() if state_dict is None else state_dict
+    for key, value in source.items():
         if key in tied or (not save_weights and key.startswith("text_llm.")):
             continue
         state[key] = value
@@ -491,6 +497,7 @@ def save_dsaa_checkpoint(
     weights_name: str = "model.safetensors",
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes a DSAA checkpoint into ``out_dir`` (created if needed): weights, ``tokenizer/``, ``config.json``.
 
@@ -507,6 +514,8 @@ def save_dsaa_checkpoint(
         weights_name (str): ``model.safetensors`` (setup) or ``consolidated.safetensors`` (training).
         overwrite (bool): replace an existing checkpoint in ``out_dir`` (else ``FileExistsError``).
         dtype (torch.dtype | None): cast floating tensors before writing.
+        state_dict (Mapping | None): the full state to write instead of ``model.state_dict()`` (e.g. gathered
+            from FSDP shards; ``model`` then only provides the config).
 
     Returns:
         The folder.
@@ -522,7 +531,7 @@ def save_dsaa_checkpoint(
             f"{out} already holds a checkpoint ({', '.join(p.name for p in existing)}); "
             "pass --force (overwrite=True) to replace it"
         )
-    state = _cast(dsaa_state_dict(model, save_weights), dtype)
+    state = _cast(dsaa_state_dict(model, save_weights, state_dict), dtype)
     config = dsaa_config(model, hf_repo_id, revision, save_weights)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out / weights_name, state, metadata={"format": "pt"})

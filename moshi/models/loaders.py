@@ -25,6 +25,7 @@ from ..modules.lora import (
     replace_all_linear_with_lora,
     replace_lora_with_linear,
 )
+from .compression import DEFAULT_MIMI_CONFIG, MimiModel, build_mimi
 from .lm import LMModel
 
 logger = logging.getLogger(__name__)
@@ -273,7 +274,21 @@ class CheckpointInfo:
         """The SentencePiece text tokenizer of this checkpoint."""
         return get_text_tokenizer(self.tokenizer)
 
-    # --- Mimi (CheckpointInfo.get_mimi is added here by the Mimi codec work) ---
+    def get_mimi(self, device: torch.device | str = "cpu") -> MimiModel:
+        """Builds Mimi with this checkpoint's weights and config, keeping as many codebooks as the LM uses.
+
+        That is ``max(dep_q, n_q - dep_q)`` from the LM config (8 without one), halved for multistream TTS.
+        """
+        if self.lm_config is None:
+            num_codebooks = 8
+        else:
+            defaults = default_lm_kwargs()
+            n_q = self.lm_config.get("n_q", defaults["n_q"])
+            dep_q = self.lm_config.get("dep_q", defaults["dep_q"])
+            num_codebooks = max(dep_q, n_q - dep_q)
+        if self.tts_config.get("multistream"):
+            num_codebooks //= 2
+        return get_mimi(self.mimi_weights, self.mimi_config, device=device, num_codebooks=num_codebooks)
 
 
 def get_text_tokenizer(path: str | Path) -> Any:
@@ -411,4 +426,51 @@ def get_moshi_lm(
 
 
 # --- Mimi ---
-# (get_mimi and the Mimi constants are added below by the Mimi codec work.)
+
+# Kyutai's Mimi configuration (reference §6.1), under the upstream private name too.
+MIMI_CONFIG = DEFAULT_MIMI_CONFIG
+_mimi_config = DEFAULT_MIMI_CONFIG
+
+
+def _load_mimi_file(filename: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    if not filename.exists():
+        raise FileNotFoundError(f"Mimi weights file not found: {filename}")
+    if filename.suffix in (".safetensors", ".sft", ".sfts"):
+        from safetensors.torch import load_file
+
+        return load_file(str(filename), device=str(device))
+    package = torch.load(filename, map_location=device, weights_only=True)
+    if not isinstance(package, dict) or "model" not in package:
+        raise ValueError(f"{filename}: not a safetensors file nor a training package with a 'model' entry")
+    return package["model"]
+
+
+def get_mimi(
+    filename: str | Path | None,
+    mimi_config: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    num_codebooks: int = 8,
+) -> MimiModel:
+    """Builds Mimi (float32, eval mode) and loads its weights, e.g. ``tokenizer-e351c8d8-checkpoint125.safetensors``.
+
+    Args:
+        filename (str | Path | None): safetensors weights (current or legacy attention/codebook names), a
+            ``torch.load``-able package with a ``"model"`` entry, or ``None`` for an untrained model.
+        mimi_config (dict | None): config shaped like ``MIMI_CONFIG`` (``None``: Kyutai's Mimi).
+        device (torch.device | str): where the model lives.
+        num_codebooks (int): codebooks :meth:`MimiModel.encode` returns.
+
+    Raises:
+        FileNotFoundError: the weights file does not exist.
+        ValueError: the file does not match the config (missing/unexpected keys listed), or the config is bad.
+    """
+    path = None if filename is None else hf_get(filename)
+    if path is None:
+        model = build_mimi(mimi_config, device=device)
+    else:
+        model = build_mimi(mimi_config, device="meta")
+        state = _load_mimi_file(path, device)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        _check_keys(path, result.missing_keys, result.unexpected_keys)
+    model.set_num_codebooks(num_codebooks)
+    return model.eval()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dsaa.tiny_llm import tiny_llm_config, train_tokenizer
+from tests.dsaa.tiny_llm import make_tiny_llm, train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +24,6 @@ def tiny_tokenizer():
 def make_llm_dir(tmp_path_factory, tiny_tokenizer) -> Callable[..., Path]:
     """``make_llm_dir(hidden=32, arch="qwen2", tie=True, vocab=320, max_pos=64)`` -> a local HF model folder
     (model + tokenizer), built once per distinct argument set."""
-    from transformers import AutoModelForCausalLM
-
     cache: dict[tuple, Path] = {}
 
     def make(
@@ -36,16 +34,7 @@ def make_llm_dir(tmp_path_factory, tiny_tokenizer) -> Callable[..., Path]:
             path = tmp_path_factory.mktemp(
                 f"llm_{arch}_{hidden}_{'tied' if tie else 'untied'}_{vocab}_{max_pos}"
             )
-            with torch.random.fork_rng():
-                torch.manual_seed(1234 + hidden)
-                model = AutoModelForCausalLM.from_config(tiny_llm_config(hidden, arch, tie, vocab, max_pos))
-                # Larger-than-default weights so that the tiny LLM's outputs are not all near zero.
-                with torch.no_grad():
-                    for p in model.parameters():
-                        if p.dim() == 2:
-                            p.normal_(0.0, 0.2)
-            model.save_pretrained(path)
-            tiny_tokenizer.save_pretrained(path)
+            make_tiny_llm(path, hidden, arch, tie, vocab, max_pos, seed=1234 + hidden, tokenizer=tiny_tokenizer)
             cache[key] = path
         return cache[key]
 

@@ -2,52 +2,30 @@
 
 from __future__ import annotations
 
-CORPUS = [
-    "hello world this is a tiny corpus for a tiny tokenizer",
-    "the quick brown fox jumps over the lazy dog",
-    "moshi listens and speaks while the text model reads every word",
-]
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+import importlib.util
+import sys
+from pathlib import Path
 
 
-def train_tokenizer(special: list[str] = SPECIAL, vocab_size: int = 300):
-    """A byte-level BPE tokenizer (Qwen-like: no BOS token, ``" "`` is one token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[0])
+def _load_script():
+    """``scripts/make_tiny_llm.py`` (scripts/ is not a package): the one implementation of the tiny LLM."""
+    name = "make_tiny_llm"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "scripts" / "make_tiny_llm.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def tiny_llm_config(
-    hidden: int = 32, arch: str = "qwen2", tie: bool = True, vocab: int = 320, max_pos: int = 64
-):
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4 if hidden % 8 == 0 else 2,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=tie,
-    )
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    raise ValueError(arch)
+_script = _load_script()
+CORPUS = _script.CORPUS
+SPECIAL = _script.SPECIAL
+train_tokenizer = _script.train_tokenizer
+tiny_llm_config = _script.tiny_llm_config
+build_tiny_llm = _script.build_tiny_llm
+make_tiny_llm = _script.make_tiny_llm
 
 
 def tiny_dsaa(
@@ -62,18 +40,13 @@ def tiny_dsaa(
     """A float32, eval-mode DSAA model: the small Moshi config, a tiny LLM built from its config (weights
     N(0, 0.2) so its outputs are not near zero), DSAA modules initialised as setup_new_model does."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from moshi.models.dsaa import DSAAModel, initialize_dsaa_modules
     from tests.helpers.configs import small_lm_kwargs
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        llm = AutoModelForCausalLM.from_config(tiny_llm_config(hidden, arch, tie, max_pos=max_pos)).float()
-        with torch.no_grad():
-            for p in llm.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, 0.2)
+        llm = build_tiny_llm(hidden, arch, tie, max_pos=max_pos, seed=seed)
         model = DSAAModel(
             llm, bos_id=1, pad_id=223, epad_id=2, proj_hidden=proj_hidden, **small_lm_kwargs(**lm_overrides)
         )

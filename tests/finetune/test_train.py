@@ -205,3 +205,23 @@ def test_overwrite_run_dir_starts_over(assets, tmp_path, cache_dir):
         t.close()
     assert not (run_dir / "checkpoints").exists() and [s for s, _ in _losses(run_dir)] == [1]
     shutil.rmtree(run_dir)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step():
+    from moshi.models.lm import LMModel
+    from tests.helpers.configs import small_lm_kwargs
+
+    model = LMModel(**small_lm_kwargs())
+    with torch.no_grad():
+        model.text_linear.weight[0, 0] = float("inf")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = MoshiLoss(model.delays, model.dep_q, 1.0, 0.5)
+    codes = torch.randint(0, 32, (2, 5, 6))
+    from finetune.trainer import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="non-finite values at step 7"):
+        train_step(model, opt, [codes], loss_fn, max_norm=1.0, step=7)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "text_linear.weight")
+    assert all(p.grad is None for p in model.parameters())

@@ -213,3 +213,54 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="n_filterz"):
         build_mimi(bad)
     assert DEFAULT_MIMI_CONFIG["seanet"]["n_filters"] == 64  # builders never mutate the shared configs
+
+
+# ---- loaders ----------------------------------------------------------------------------------------------------
+
+
+def _save(state: dict[str, torch.Tensor], path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+@pytest.mark.parametrize("legacy", [pytest.param(False, id="current-names"), pytest.param(True, id="legacy-names")])
+def test_get_mimi_loads_a_weights_file_strictly(tiny, tmp_path, legacy):
+    from moshi.models.loaders import get_mimi
+
+    state = tiny.state_dict()
+    path = tmp_path / "mimi.safetensors"
+    _save(to_legacy_names(state) if legacy else state, path)
+    loaded = get_mimi(path, mimi_config=TINY_MIMI_CONFIG, num_codebooks=5)
+    assert loaded.num_codebooks == 5 and not loaded.training
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    x = torch.randn(1, 1, 2 * FRAME)
+    with torch.inference_mode():
+        assert torch.equal(loaded.encode(x), tiny.encode(x)[:, :5])
+
+
+def test_get_mimi_lists_missing_and_unexpected_keys(tiny, tmp_path):
+    from moshi.models.loaders import get_mimi
+
+    state = dict(tiny.state_dict())
+    state.pop("upsample.convtr.convtr.convtr.weight")
+    state["decoder.model.99.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.safetensors"
+    _save(state, path)
+    with pytest.raises(ValueError, match=r"bad.safetensors does not match.*upsample\.convtr.*decoder\.model\.99"):
+        get_mimi(path, mimi_config=TINY_MIMI_CONFIG)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        get_mimi(tmp_path / "nope.safetensors", mimi_config=TINY_MIMI_CONFIG)
+
+
+def test_checkpoint_info_get_mimi_uses_lm_codebooks_and_mimi_config(tiny, tmp_path):
+    from moshi.models.loaders import CheckpointInfo
+
+    path = tmp_path / "mimi.safetensors"
+    _save(tiny.state_dict(), path)
+    common = {"moshi_weights": tmp_path / "lm.safetensors", "mimi_weights": path, "tokenizer": tmp_path / "t.model"}
+    info = CheckpointInfo(**common, lm_config={"n_q": 10, "dep_q": 3}, mimi_config=TINY_MIMI_CONFIG)
+    assert info.get_mimi().num_codebooks == 7
+    info = CheckpointInfo(**common, lm_config=None, mimi_config=TINY_MIMI_CONFIG)
+    assert info.get_mimi().num_codebooks == 8

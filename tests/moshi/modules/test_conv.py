@@ -104,7 +104,7 @@ def test_conv_transpose_trims_right_and_streams_like_one_shot(kernel_size, strid
     full = F.conv_transpose1d(x, convtr.convtr.convtr.weight, convtr.convtr.convtr.bias, stride=stride, groups=groups)
     y = convtr(x)
     assert y.shape == (3, 4, 7 * stride)
-    torch.testing.assert_close(y, full[..., : 7 * stride], rtol=0, atol=0)
+    torch.testing.assert_close(y, full[..., : 7 * stride], rtol=1e-5, atol=1e-6)
     with convtr.streaming(3):
         streamed = torch.cat([convtr(c) for c in _chunks(x, [1, 2, 4])], dim=-1)
     torch.testing.assert_close(streamed, y, rtol=1e-6, atol=1e-6)
