@@ -19,13 +19,26 @@ from typing import Any, Iterator, Mapping
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
+    """A fresh temporary sibling of `path`, with the permissions a plain open() would give.
+
+    mkstemp/mkdtemp create private (0600/0700) entries; outputs are meant to be shared.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp."
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        return tmp
     fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 

@@ -29,7 +29,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,8 @@ class Checkpointer:
         export_dtype (torch.dtype): dtype of exported tensors (`param_dtype`).
         num_ckpt_keep (int | None): newest checkpoints kept (None: all).
         fingerprint (dict): config keys a resume must not change (`TrainArgs.resume_fingerprint()`).
+        export_writer (callable | None): ``(folder, full state, export dtype) -> None`` writing the export
+            instead of Moshi's format (DSAA: `finetune.dsaa_training.dsaa_export_writer`).
     """
 
     def __init__(
@@ -208,6 +210,7 @@ class Checkpointer:
         export_dtype: torch.dtype,
         num_ckpt_keep: int | None,
         fingerprint: Mapping[str, Any],
+        export_writer: Callable[[Path, dict[str, torch.Tensor], torch.dtype], None] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.model = model
@@ -220,6 +223,7 @@ class Checkpointer:
         self.export_dtype = export_dtype
         self.num_ckpt_keep = num_ckpt_keep
         self.fingerprint = json.loads(json.dumps(dict(fingerprint)))
+        self.export_writer = export_writer
         # Test hook: SIGKILL this process inside save() at the named point (e.g. "before_rename:4").
         self._kill_at = os.environ.get("MOSHI_FT_KILL_IN_CHECKPOINT", "")
 
@@ -322,6 +326,9 @@ class Checkpointer:
 
     def _write_export(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        if self.export_writer is not None:
+            self.export_writer(folder, state, self.export_dtype)
+            return
         merged = self.lora and not self.save_adapters
         if merged:
             state = merge_lora_state_dict(state, self.lora_scaling)

@@ -37,7 +37,7 @@ from finetune.loss import (
     weighted_cross_entropy,
 )
 from finetune.trainer import MoshiLoss
-from finetune.wrapped_model import compile_layers, dtype_policy
+from finetune.wrapped_model import compile_layers, dtype_policy, store_trained_in
 from moshi.models.dsaa import DSAAModel
 from moshi.models.dsaa_loading import (
     TOKENIZER_DIR,
@@ -62,13 +62,6 @@ TEXT_LOSS_CHUNK_ROWS = 1024
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-def store_trained_in(model: nn.Module, dtype: torch.dtype) -> None:  # TEMP: moves to wrapped_model
-    for module in model.modules():
-        for pname, p in list(module._parameters.items()):
-            if p is not None and p.requires_grad and p.dtype != dtype:
-                module._parameters[pname] = nn.Parameter(p.detach().to(dtype), requires_grad=True)
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -61,6 +61,8 @@ class LossFn(Protocol):
 
     def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms: ...
 
+    def begin_step(self, step: int) -> None: ...  # before the step's first `weight_sums` (1-based step)
+
 
 class MoshiLoss:
     """Reference 5.4 on an `LMModel`: forward, then the masked weighted CE of text and audio."""
@@ -87,6 +89,9 @@ class MoshiLoss:
         wt, wa = loss_weight_sums_from_codes(codes, self.delays, self.dep_q, 1.0, 1.0, ())
         total = codes.shape[0] * codes.shape[-1] * (1 + self.dep_q)
         return torch.stack([wt + wa, wt.new_tensor(float(total))])
+
+    def begin_step(self, step: int) -> None:
+        """Moshi's loss is the same on every step (DSAA's skips the audio part on some)."""
 
     def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms:
         out = model(codes)
@@ -120,6 +125,7 @@ def train_step(
         NonFiniteError: the step's loss or gradient norm is not finite (nothing is applied).
     """
     device = batches[0].device
+    loss_fn.begin_step(step)
     totals = torch.zeros(2, dtype=torch.float32, device=device)
     for codes in batches:
         totals += loss_fn.weight_sums(codes).to(device)
@@ -245,7 +251,12 @@ def default_data_factory(args: TrainArgs, info: Any, device: torch.device, model
     mimi.eval()
     for p in mimi.parameters():
         p.requires_grad_(False)
-    tokenizer = load_text_tokenizer(args, spm_path=info.tokenizer)
+    if args.text_llm.enable:
+        from finetune.dsaa_training import dsaa_text_tokenizer
+
+        tokenizer = dsaa_text_tokenizer(args, info, model)  # the checkpoint's tokenizer/, ids checked
+    else:
+        tokenizer = load_text_tokenizer(args, spm_path=info.tokenizer)
     store = build_codes_store(args, mimi, device=device)
     rank, world = get_rank(), get_world_size()
     train = build_train_loader(args, tokenizer, store, rank, world)
@@ -270,7 +281,8 @@ class Trainer:
     Args:
         args (TrainArgs): validated configuration.
         data_factory: builds the data iterators (tests inject synthetic data).
-        build_model_fn, param_groups_fn, loss_factory: replaceable components (DSAA).
+        build_model_fn, param_groups_fn, loss_factory: replaceable components; None: Moshi's, or the DSAA
+            ones of `finetune.dsaa_training` when `text_llm.enable` (which also writes DSAA exports).
         device (str | None): "cpu"/"cuda"/None (auto).
     """
 
@@ -278,16 +290,23 @@ class Trainer:
         self,
         args: TrainArgs,
         data_factory: DataFactory = default_data_factory,
-        build_model_fn: Callable[..., nn.Module] = build_model,
-        param_groups_fn: Callable[[nn.Module, TrainArgs], list[dict[str, Any]]] = default_param_groups,
-        loss_factory: Callable[[nn.Module, TrainArgs], LossFn] = MoshiLoss.for_model,
+        build_model_fn: Callable[..., nn.Module] | None = None,
+        param_groups_fn: Callable[[nn.Module, TrainArgs], list[dict[str, Any]]] | None = None,
+        loss_factory: Callable[[nn.Module, TrainArgs], LossFn] | None = None,
         device: str | None = None,
     ) -> None:
         self.args = args
         self.data_factory = data_factory
-        self.build_model_fn = build_model_fn
-        self.param_groups_fn = param_groups_fn
-        self.loss_factory = loss_factory
+        self.dsaa = args.text_llm.enable
+        if self.dsaa:
+            from finetune import dsaa_training as dsaa
+
+            defaults = (dsaa.build_dsaa_for_training, dsaa.dsaa_param_groups, dsaa.DSAALoss.for_model)
+        else:
+            defaults = (build_model, default_param_groups, MoshiLoss.for_model)
+        self.build_model_fn = build_model_fn or defaults[0]
+        self.param_groups_fn = param_groups_fn or defaults[1]
+        self.loss_factory = loss_factory or defaults[2]
         self.device = select_device(device or os.environ.get("MOSHI_FT_DEVICE"))
         init_distributed(self.device)
         self.run_dir = Path(args.run_dir)
@@ -329,10 +348,16 @@ class Trainer:
             lora_rank=a.lora.rank if a.lora else 0, lora_scaling=a.lora.scaling if a.lora else 0.0,
             save_adapters=a.save_adapters, export_dtype=dtype_policy(a.param_dtype, self.device).export,
             num_ckpt_keep=a.num_ckpt_keep, fingerprint=a.resume_fingerprint(),
+            export_writer=self._dsaa_export_writer() if self.dsaa else None,
         )
         if want_resume:
             self._resume()
         self.model.train()
+
+    def _dsaa_export_writer(self) -> Any:
+        from finetune.dsaa_training import dsaa_export_writer
+
+        return dsaa_export_writer(self.args, self.info, self.model)
 
     def _resume(self) -> None:
         folder = latest_resumable(self.run_dir)

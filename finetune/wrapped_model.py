@@ -83,6 +83,11 @@ def _set_trainable(model: nn.Module, args: TrainArgs, trained_dtype: torch.dtype
     """Marks trained parameters and stores them in `trained_dtype` (the fp32 master weights on GPU)."""
     for name, p in model.named_parameters():
         p.requires_grad_(is_trainable_name(name, args))
+    store_trained_in(model, trained_dtype)
+
+
+def store_trained_in(model: nn.Module, trained_dtype: torch.dtype) -> None:
+    """Stores every parameter with ``requires_grad`` in `trained_dtype` (frozen ones keep their dtype)."""
     for module in model.modules():
         for pname, p in list(module._parameters.items()):
             if p is not None and p.requires_grad and p.dtype != trained_dtype:

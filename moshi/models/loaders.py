@@ -229,14 +229,16 @@ class CheckpointInfo:
         elif meta["mimi_config_name"] is not None:
             mimi_config = _read_json(hf_get(meta["mimi_config_name"], hf_repo, revision=revision))
 
-        moshi_path = resolve(moshi_weights, meta["moshi_name"])
-        mimi_path = resolve(mimi_weights, meta["mimi_name"])
-        tokenizer_path = resolve(tokenizer, meta["tokenizer_name"])
-        assert moshi_path is not None and mimi_path is not None and tokenizer_path is not None  # names have defaults
+        def resolve_required(explicit: Path | str | None, key: str) -> Path:
+            path = resolve(explicit, meta[key])
+            if path is None:
+                raise ValueError(f"config.json of {hf_repo}: {key!r} is null")
+            return path
+
         return CheckpointInfo(
-            moshi_weights=moshi_path,
-            mimi_weights=mimi_path,
-            tokenizer=tokenizer_path,
+            moshi_weights=resolve_required(moshi_weights, "moshi_name"),
+            mimi_weights=resolve_required(mimi_weights, "mimi_name"),
+            tokenizer=resolve_required(tokenizer, "tokenizer_name"),
             lm_config=lm_config,
             raw_config=raw_config,
             mimi_config=mimi_config,

@@ -52,7 +52,6 @@ def test_steps_change_only_the_trained_groups_at_their_peak_lr(tmp_path, only_te
     loss_fn = DSAALoss.for_model(model, args)
     codes = random_codes(model, batch=2, steps=8)
     for step in range(1, 4):
-        loss_fn.begin_step(step)
         train_step(model, opt, [codes], loss_fn, max_norm=1.0, step=step)
         sched.step()
 
