@@ -144,6 +144,22 @@ def skeleton_from_config(config: Mapping[str, Any], spec: TextLLMSpec, dtype: to
     return model
 
 
+def promote_scalar_parameters(model: nn.Module) -> list[str]:
+    """Replaces every 0-dim parameter (``text_projector.alpha``) by a 1-element vector; returns their names.
+
+    FSDP2 cannot shard 0-dim parameters. The product ``alpha * fusion(z)`` broadcasts the same either way;
+    the names are kept on the model (``fsdp_promoted_scalars``) so exports write the contract's 0-dim tensor.
+    """
+    names = []
+    for mname, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.dim() == 0:
+                module._parameters[pname] = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+                names.append(f"{mname}.{pname}" if mname else pname)
+    model.fsdp_promoted_scalars = names  # type: ignore[assignment]
+    return names
+
+
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for mname, module in model.named_modules():
@@ -186,6 +202,9 @@ def build_dsaa_for_training(args: TrainArgs, info: CheckpointInfo, device: torch
     model = skeleton_from_config(config, TextLLMSpec.from_args(args.text_llm), policy.frozen)
     prepare_for_training(model, args, policy.trained)
     materialize(model, args, device)
+    for name in model.fsdp_promoted_scalars:
+        if name in full_sd:
+            full_sd[name] = full_sd[name].reshape(1)
     set_model_state_dict(
         model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     )
@@ -197,8 +216,9 @@ def materialize(model: DSAAModel, args: TrainArgs, device: torch.device) -> DSAA
     """Shards a ``meta`` skeleton (groups already set) when FSDP2 applies and allocates it on ``device``.
 
     Parameters are left uninitialised (the caller loads or fills them); non-persistent buffers, which
-    ``to_empty`` would also wipe, keep their values. Under FSDP, ``forward_train`` is registered as a forward
-    method, so the parameters are unsharded around it as around ``forward`` (the loss calls it).
+    ``to_empty`` would also wipe, keep their values. Under FSDP, 0-dim parameters become 1-element vectors
+    (:func:`promote_scalar_parameters`) and ``forward_train`` is registered as a forward method, so the
+    parameters are unsharded around it as around ``forward`` (the loss calls it).
     """
     policy = dtype_policy(args.param_dtype, device)
     buffers = _non_persistent_buffers(model)
@@ -207,6 +227,7 @@ def materialize(model: DSAAModel, args: TrainArgs, device: torch.device) -> DSAA
     if uses_fsdp(device):
         from torch.distributed.fsdp import register_fsdp_forward_method
 
+        promote_scalar_parameters(model)
         apply_fsdp(model, device, dsaa_fsdp_units(model), compute_dtype=policy.compute)
         register_fsdp_forward_method(model, "forward_train")
     model.to_empty(device=device)
@@ -340,6 +361,8 @@ def dsaa_export_writer(args: TrainArgs, info: CheckpointInfo, model: nn.Module) 
     tokenizer = load_llm_tokenizer(spec, dsaa_tokenizer_dir(info))
 
     def write(folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        for name in getattr(model, "fsdp_promoted_scalars", ()):
+            state[name] = state[name].reshape(())
         save_dsaa_checkpoint(model, folder, tokenizer, hf_repo_id=repo, revision=revision,  # type: ignore[arg-type]
                              save_weights=spec.save_weights, weights_name="consolidated.safetensors",
                              overwrite=True, dtype=dtype, state_dict=state)
@@ -349,6 +372,6 @@ def dsaa_export_writer(args: TrainArgs, info: CheckpointInfo, model: nn.Module) 
 
 __all__ = [
     "TEXT_LOSS_CHUNK_ROWS", "TOKENIZER_DIR", "DSAALoss", "build_dsaa_for_training", "dsaa_export_writer",
-    "dsaa_fsdp_units", "dsaa_param_groups", "materialize", "dsaa_text_tokenizer", "dsaa_tokenizer_dir", "prepare_for_training",
+    "dsaa_fsdp_units", "dsaa_param_groups", "materialize", "promote_scalar_parameters", "dsaa_text_tokenizer", "dsaa_tokenizer_dir", "prepare_for_training",
     "set_gradient_checkpointing", "skeleton_from_config",
 ]

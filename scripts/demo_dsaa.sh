@@ -44,8 +44,12 @@ import torch
 from moshi.models.dsaa_loading import load_dsaa_model
 
 ckpt = Path(sys.argv[1])
-lines = [json.loads(line) for line in (ckpt.parents[2] / "metrics.train.jsonl").read_text().splitlines()]
-print(f"\nloss: {lines[0]['loss']:.3f} at step {lines[0]['step']} -> {lines[-1]['loss']:.3f} at step {lines[-1]['step']}")
+run = ckpt.parents[2]
+train = [json.loads(line) for line in (run / "metrics.train.jsonl").read_text().splitlines()]
+evals = [json.loads(line) for line in (run / "metrics.eval.jsonl").read_text().splitlines()]
+# The text loss is comparable on every step (the audio loss is left out on every audio_loss_skip_every-th).
+print(f"\ntext loss: {train[0]['text_loss']:.3f} at step {train[0]['step']} -> {train[-1]['text_loss']:.3f} at step "
+      f"{train[-1]['step']}; eval loss (text + audio): " + " -> ".join(f"{e['eval_loss']:.3f}" for e in evals))
 model, tokenizer = load_dsaa_model(ckpt, {}, device="cpu", dtype=torch.float32)
 print(f"checkpoint: {ckpt}/ (consolidated.safetensors, config.json, tokenizer/); loaded back offline: "
       f"{sum(p.numel() for p in model.parameters()):,} parameters, LLM vocabulary {model.dims.text_vocab}")
