@@ -2,6 +2,7 @@
 
     python -m train example/tiny.yaml                          # one process (CPU or one GPU)
     torchrun --nproc-per-node 8 -m train example/moshi_7B.yaml  # several GPUs (FSDP2)
+    torchrun --nproc-per-node 1 -m train example/qwen.yaml     # DSAA (text_llm.enable; after setup_new_model)
 
 Thin entry point: config → components → loop → close (see `finetune/trainer.py`).
 """

@@ -295,7 +295,7 @@ def _print_loss_memory(r: dict) -> None:
 
 def run_dsaa(device: torch.device, warmup: int, steps: int, compile_: bool, rows: int) -> None:
     """The DSAA comparison; on CPU each measurement in its own process (see the module docstring)."""
-    chunks: list[int | None] = [None, 1024, 128]
+    chunks: list[int | None] = [None, 1024, 256]
     common = ["--warmup", str(warmup), "--steps", str(steps)] + (["--compile"] if compile_ else [])
     cases = ["tiny_full", "dsaa_tiny"] + (["dsaa_7b"] if device.type == "cuda" else [])
     for name in cases:

@@ -135,7 +135,7 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["accelerator"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -145,8 +145,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "accelerator" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["accelerator"])
 
 
 def _to_safe(obj: Any) -> Any:

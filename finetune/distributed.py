@@ -36,8 +36,8 @@ def select_device(prefer: str | None = None) -> torch.device:
     """``cuda:LOCAL_RANK`` (modulo the visible devices) when CUDA is available, else CPU.
 
     Args:
-        prefer (str | None): ``"cpu"`` forces CPU; ``"cuda"`` requires CUDA (error if absent);
-            None picks automatically.
+        prefer (str | None): ``cpu`` forces the CPU; ``cuda`` requires a GPU (error if absent);
+            None or ``auto`` picks automatically.
     """
     if prefer not in (None, "auto", "cpu", "cuda"):
         raise ValueError(f"device must be one of auto/cpu/cuda, got {prefer!r}")

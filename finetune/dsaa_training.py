@@ -56,9 +56,10 @@ from moshi.modules.transformer import StreamingTransformer, StreamingTransformer
 
 logger = logging.getLogger(__name__)
 
-# Rows of text-head logits computed at once by the chunked text loss: 1024 x 151936 float32 logits are
-# 0.6 GB, about twice that with the softmax gradient (see benchmarks/train_step.py for the measured saving).
-TEXT_LOSS_CHUNK_ROWS = 1024
+# Rows of text-head logits computed at once by the chunked text loss: 256 x 151936 float32 logits are
+# 0.15 GB, twice that with the softmax gradient. On CPU 256-row chunks were no slower than 1024-row ones and
+# peaked lower (benchmarks/train_step.py --dsaa); on GPU each chunk is still a 256 x D_l x V matmul.
+TEXT_LOSS_CHUNK_ROWS = 256
 
 
 # ----------------------------------------------------------------------------- the model
@@ -119,7 +120,7 @@ def _source_block(info: CheckpointInfo) -> DSAABlock | None:
     """The ``dsaa`` block of the checkpoint named by ``moshi_paths`` (None for a fork checkpoint)."""
     import json
 
-    weights, config = find_weights(info.moshi_weights)
+    _, config = find_weights(info.moshi_weights)
     if config is None:
         return None
     raw = json.loads(config.read_text(encoding="utf-8"))
@@ -230,6 +231,9 @@ def materialize(model: DSAAModel, args: TrainArgs, device: torch.device) -> DSAA
         promote_scalar_parameters(model)
         apply_fsdp(model, device, dsaa_fsdp_units(model), compute_dtype=policy.compute)
         register_fsdp_forward_method(model, "forward_train")
+        # The loss multiplies by the text head's weight after forward_train returns: the root unit (which owns
+        # text_head) must stay unsharded until its backward, as it would be re-gathered for it anyway.
+        model.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
     model.to_empty(device=device)
     with torch.no_grad():
         for name, value in buffers.items():

@@ -239,7 +239,8 @@ class CodesStore:
         return h
 
     def entry_path(self, path: Path) -> Path:
-        assert self.entry_dir is not None  # internal: only called with a disk cache
+        if self.entry_dir is None:
+            raise RuntimeError("entry_path needs a disk cache (data.cache_dir is not set)")
         h = self.content_hash(path)
         return self.entry_dir / h[:2] / f"{h}.safetensors"
 

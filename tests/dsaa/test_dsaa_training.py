@@ -154,13 +154,12 @@ def test_chunked_text_loss_equals_the_full_logits_loss(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_train_writes_a_dsaa_checkpoint_that_loads_offline_with_the_trained_logits(
-    tmp_path, make_llm_dir, monkeypatch
-):
+@pytest.fixture(scope="module")
+def dsaa_run_config(tmp_path_factory, make_llm_dir) -> tuple[dict, Path, Path]:
+    """A tiny DSAA training config on generated assets, its setup_new_model checkpoint and the LLM folder."""
     import setup_new_model
-    import train as train_entry
-    from finetune.trainer import Trainer
 
+    tmp_path = tmp_path_factory.mktemp("dsaa_run")
     assets = make_tiny_assets(tmp_path / "assets", files=2, eval_files=1)
     llm_dir = make_llm_dir(hidden=32, max_pos=64)
     cfg = {
@@ -177,6 +176,17 @@ def test_train_writes_a_dsaa_checkpoint_that_loads_offline_with_the_trained_logi
     setup_yaml.write_text(yaml.safe_dump(cfg))
     weights = setup_new_model.run(setup_yaml, tmp_path / "weights")
     cfg["moshi_paths"]["moshi_path"] = str(weights / "model.safetensors")
+    return cfg, weights, llm_dir
+
+
+def test_train_writes_a_dsaa_checkpoint_that_loads_offline_with_the_trained_logits(
+    tmp_path, dsaa_run_config, monkeypatch
+):
+    import train as train_entry
+    from finetune.trainer import Trainer
+
+    cfg, weights, llm_dir = dsaa_run_config
+    cfg = dict(cfg, run_dir=str(tmp_path / "run"))
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.safe_dump(cfg))
 
@@ -216,6 +226,56 @@ def test_train_writes_a_dsaa_checkpoint_that_loads_offline_with_the_trained_logi
         want, got = trainer.model(codes), loaded(codes)
     torch.testing.assert_close(got.text_logits, want.text_logits, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_text_llm_token_key_changed_after_setup_is_refused_naming_the_key(tmp_path, dsaa_run_config):
+    from types import SimpleNamespace
+
+    from finetune.dsaa_training import dsaa_text_tokenizer
+    from finetune.wrapped_model import resolve_checkpoint_info
+
+    cfg, weights, _ = dsaa_run_config
+    block = json.loads((weights / "config.json").read_text())["dsaa"]
+    model = SimpleNamespace(pad_id=block["pad_id"], epad_id=block["epad_id"], bos_id=block["bos_id"])
+    args = TrainArgs.from_dict(cfg)
+    tok = dsaa_text_tokenizer(args, resolve_checkpoint_info(args), model)
+    assert (tok.pad_id, tok.epad_id, tok.bos_id) == (model.pad_id, model.epad_id, model.bos_id)
+    args = TrainArgs.from_dict(dict(cfg, text_llm=dict(cfg["text_llm"], pad_token="<|im_end|>")))
+    with pytest.raises(ValueError, match=r"text_llm\.pad_token: id \d+ from the tokenizer, \d+ in the model"):
+        dsaa_text_tokenizer(args, resolve_checkpoint_info(args), model)
+
+
+@pytest.mark.slow
+def test_two_processes_with_fsdp2_train_and_export_the_same_format(tmp_path, dsaa_run_config):
+    """torchrun, gloo, FSDP2 (Moshi and LLM decoder layers as units; the 0-dim alpha promoted to a vector)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers.tiny_run import REPO
+
+    cfg, weights, _ = dsaa_run_config
+    cfg = dict(cfg, run_dir=str(tmp_path / "run"), batch_size=1, do_eval=False)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOSHI_FT_DEVICE="cpu", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(port), "-m", "train", str(path)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "FSDP2: 6 layer units + root, mesh cpu×2" in r.stdout + r.stderr  # 2 + 2 Moshi, 2 LLM layers
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint_000002" / "consolidated"
+    saved, source = load_file(str(ckpt / "consolidated.safetensors")), load_file(str(weights / "model.safetensors"))
+    assert saved.keys() == source.keys() and saved["text_projector.alpha"].shape == ()
+    for name in saved:
+        frozen = _top(name) in ("text_llm", "emb", "transformer", "out_norm")
+        assert torch.equal(saved[name], source[name]) == frozen, name
+    loaded, _ = load_dsaa_model(ckpt, cfg["text_llm"], device="cpu", dtype=torch.float32)
+    assert torch.equal(loaded.text_projector.alpha.detach(), saved["text_projector.alpha"])
 
 
 # ----------------------------------------------------------------------------- config errors (property 9)
