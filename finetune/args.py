@@ -36,6 +36,7 @@ from typing import Any, Union
 import yaml
 
 from finetune.atomic import atomic_write_text
+from moshi.models.dsaa_config import TextLLMSpec
 
 logger = logging.getLogger(__name__)
 
@@ -198,21 +199,14 @@ class DataArgs:
 
 
 @dataclass
-class TextLLMArgs:
-    """`text_llm:` the Hugging Face LLM of a DSAA model (`design/dsaa.md`, "Config")."""
+class TextLLMArgs(TextLLMSpec):
+    """`text_llm:` the Hugging Face LLM of a DSAA model (`design/dsaa.md`, "Config").
+
+    The LLM keys live in `moshi.models.dsaa_config.TextLLMSpec` (the loaders use them too);
+    this section adds the switch that turns DSAA on.
+    """
 
     enable: bool = False
-    hf_repo_id: str = "Qwen/Qwen2.5-3B-Instruct"
-    revision: str | None = None
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    pad_token: str | None = None
-    epad_token: str | None = None
-    bos_token: str | None = None
-    proj_hidden: int | None = None
-    proj_dropout: float = 0.1
-    save_weights: bool = True
-    frozen_modules: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -220,16 +220,18 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 g = g.to(hidden.dtype)
                 if need_h:
                     grad_h[start : start + chunk_size] = g @ weight
-                if need_w:
-                    grad_w += (g.t() @ h).float()
+                if need_w:  # accumulate in float32 in place: no [V, D] temporary per chunk
+                    grad_w.addmm_(g.t().float(), h.float())
         ctx.save_for_backward(grad_h if need_h else None, grad_w.to(weight.dtype) if need_w else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        # The saved gradients are ours alone and the graph is used once per step, so they are
+        # scaled in place: a second [V, D] copy of the head's gradient would double peak memory.
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out.to(grad_w.dtype)) if grad_w is not None else None
         return gh, gw, None, None, None, None
 
 

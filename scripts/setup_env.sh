@@ -17,11 +17,19 @@ stamp="$VENV/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
     exit 0
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# pip on some machines warns about unreadable local index folders; keep its real messages only.
+pip_install() {
+    local out
+    if ! out=$("$VENV/bin/python" -m pip install -q "$@" 2>&1); then
+        printf '%s\n' "$out" | grep -v "is ignored" >&2
+        return 1
+    fi
+    printf '%s\n' "$out" | grep -v "is ignored" | grep -v '^$' || true
+}
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-    "$VENV/bin/python" -m pip install -q "torch==${CPU_TORCH_VERSION:-2.13.0}"
+    pip_install "torch==${CPU_TORCH_VERSION:-2.13.0}"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[dev,annotate,analysis,tensorboard]" 2>&1 | grep -v "is ignored" || true
+pip_install -e ".[dev,annotate,analysis,tensorboard]"
 "$VENV/bin/python" -c "import torch, moshi, finetune" # fails loudly if the install did not work
 rm -f "$VENV"/.installed-*
 touch "$stamp"

@@ -17,7 +17,7 @@ import copy
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .dsaa import DSAAModel
+from .dsaa_config import TextLLMSpec
 from .dsaa_tokens import SpecialTokens, resolve_special_tokens
 from .loaders import _NON_LM_CONFIG_KEYS, _prepare_lm_kwargs, hf_get
 
@@ -34,32 +35,6 @@ DSAA_FORMAT = 1
 WEIGHT_NAMES = ("model.safetensors", "consolidated.safetensors")
 TOKENIZER_DIR = "tokenizer"
 SETUP_HINT = "torchrun --nproc-per-node 1 -m setup_new_model CONFIG"
-
-
-@dataclass
-class TextLLMSpec:
-    """The ``text_llm`` keys the loaders need (duck-compatible with ``finetune.args.TextLLMArgs``)."""
-
-    hf_repo_id: str = "Qwen/Qwen2.5-3B-Instruct"
-    revision: str | None = None
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    pad_token: str | None = None
-    epad_token: str | None = None
-    bos_token: str | None = None
-    proj_hidden: int | None = None
-    proj_dropout: float = 0.1
-    save_weights: bool = True
-    frozen_modules: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_args(cls, args: Any) -> TextLLMSpec:
-        """From a ``TextLLMArgs``, a dict or a ``TextLLMSpec`` (unknown attributes are ignored)."""
-        if isinstance(args, TextLLMSpec):
-            return args
-        get = args.get if isinstance(args, Mapping) else lambda k, d: getattr(args, k, d)
-        defaults = cls()
-        return cls(**{k: get(k, getattr(defaults, k)) for k in asdict(defaults)})
 
 
 @dataclass
