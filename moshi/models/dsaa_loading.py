@@ -27,7 +27,7 @@ from torch import nn
 from .dsaa import DSAAModel
 from .dsaa_config import TextLLMSpec
 from .dsaa_tokens import SpecialTokens, resolve_special_tokens
-from .loaders import _NON_LM_CONFIG_KEYS, _prepare_lm_kwargs, hf_get
+from .loaders import _NON_LM_CONFIG_KEYS, _prepare_lm_kwargs, check_state_dict_keys, hf_get
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +278,7 @@ def _load_strict(model: DSAAModel, state: dict[str, torch.Tensor], source: Path)
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
         raise ValueError(f"{source}: tensor shapes do not match the DSAA model: {e}") from None
-    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the DSAA model: {len(missing)} missing tensors {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''}, {len(unexpected)} unexpected tensors {unexpected[:20]}"
-            f"{' ...' if len(unexpected) > 20 else ''}"
-        )
+    check_state_dict_keys(source, result.missing_keys, result.unexpected_keys, model="the DSAA model")
     _retie(model.text_llm.hf_model)
     model.text_llm.requires_grad_(False)
 

@@ -347,10 +347,12 @@ def _cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str
     return out
 
 
-def _check_keys(filename: Path, missing: list[str], unexpected: list[str]) -> None:
+def check_state_dict_keys(source: object, missing: list[str], unexpected: list[str], model: str = "the model") -> None:
+    """Raises one ValueError listing (the first 20 of) each kind of key mismatch, naming the file."""
     if missing or unexpected:
+        missing, unexpected = sorted(missing), sorted(unexpected)
         raise ValueError(
-            f"{filename} does not match the model: {len(missing)} missing keys {missing[:20]}"
+            f"{source} does not match {model}: {len(missing)} missing keys {missing[:20]}"
             f"{' ...' if len(missing) > 20 else ''}, {len(unexpected)} unexpected keys {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''}"
         )
@@ -413,7 +415,7 @@ def get_moshi_lm(
     if path is not None:
         state = _cast_floats(_load_file(path, device), dtype)
         result = model.load_state_dict(state, strict=False, assign=True)
-        _check_keys(path, result.missing_keys, result.unexpected_keys)
+        check_state_dict_keys(path, result.missing_keys, result.unexpected_keys)
     if lora:
         lora_path = None if lora_weights is None else hf_get(lora_weights)
         replace_all_linear_with_lora(
@@ -473,6 +475,6 @@ def get_mimi(
         model = build_mimi(mimi_config, device="meta")
         state = _load_mimi_file(path, device)
         result = model.load_state_dict(state, strict=False, assign=True)
-        _check_keys(path, result.missing_keys, result.unexpected_keys)
+        check_state_dict_keys(path, result.missing_keys, result.unexpected_keys)
     model.set_num_codebooks(num_codebooks)
     return model.eval()
