@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 
 from finetune.args import TrainArgs
 from finetune.checkpointing import latest_resumable
-from finetune.trainer import Trainer
-from tests.helpers.tiny_run import REPO, make_tiny_assets, tiny_config
+from tests.helpers.tiny_run import REPO, make_tiny_assets, run_trainer, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +33,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     single = tmp_path / "single"
     args = TrainArgs.from_dict(tiny_config(assets, single, cache, batch_size=2, max_steps=4, do_eval=True,
                                            eval_freq=4))
-    t = Trainer(args, device="cpu")
-    try:
-        t.setup()
-        t.train()
-    finally:
-        t.close()
+    run_trainer(args)
 
     multi = tmp_path / "multi"
     cfg = tiny_config(assets, multi, cache, batch_size=1, max_steps=4, do_eval=True, eval_freq=4)

@@ -19,7 +19,7 @@ from finetune.checkpointing import ResumeMismatchError, latest_resumable
 from finetune.trainer import MoshiLoss, Trainer, build_optimizer, train_step
 from finetune.wrapped_model import build_model, default_param_groups, resolve_checkpoint_info
 from moshi.models.loaders import CheckpointInfo
-from tests.helpers.tiny_run import REPO, make_tiny_assets, tiny_config
+from tests.helpers.tiny_run import REPO, make_tiny_assets, run_trainer, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -80,12 +80,7 @@ def test_fixed_batch_is_overfit(assets, tmp_path, mode):
 def test_in_process_run_logs_evaluates_and_exports_loadable_checkpoints(assets, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     args = _args(assets, run_dir, cache_dir, do_eval=True, eval_freq=2)
-    trainer = Trainer(args, device="cpu")
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.close()
+    trainer = run_trainer(args)
     losses = _losses(run_dir)
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     records = [json.loads(x) for x in (run_dir / "metrics.train.jsonl").read_text().splitlines()]
@@ -116,12 +111,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(assets, tmp_path, cach
     """Straight 6 steps vs. SIGKILL (inside checkpoint 4's write, then right after checkpoint 2) + resume."""
     straight = tmp_path / "straight"
     args = _args(assets, straight, cache_dir, max_steps=6)
-    trainer = Trainer(args, device="cpu")
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.close()
+    run_trainer(args)
 
     killed = tmp_path / "killed"
     cfg = tiny_config(assets, killed, cache_dir, max_steps=6)
@@ -197,12 +187,7 @@ def test_overwrite_run_dir_starts_over(assets, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "checkpoint_000099").mkdir(parents=True)
     args = _args(assets, run_dir, cache_dir, overwrite_run_dir=True, max_steps=1, do_ckpt=False)
-    t = Trainer(args, device="cpu")
-    try:
-        t.setup()
-        t.train()
-    finally:
-        t.close()
+    run_trainer(args)
     assert not (run_dir / "checkpoints").exists() and [s for s, _ in _losses(run_dir)] == [1]
     shutil.rmtree(run_dir)
 

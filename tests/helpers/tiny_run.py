@@ -50,3 +50,16 @@ def tiny_config(assets: Path, run_dir: Path, cache_dir: Path | None = None, **ov
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return cfg
+
+
+def run_trainer(args: Any) -> Any:
+    """Runs a Trainer in this process the way `train.py` does: setup, train, always close."""
+    from finetune.trainer import Trainer
+
+    trainer = Trainer(args, device="cpu")
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
