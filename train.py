@@ -10,13 +10,28 @@ Thin entry point: config → components → loop → close (see `finetune/traine
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import fire
 
-from finetune.args import TrainArgs
+from finetune.args import ConfigError, TrainArgs
+from finetune.checkpointing import CheckpointError, ResumeMismatchError
+from finetune.data.alignments import AlignmentError
+from finetune.data.audio import AudioReadError
+from finetune.data.dataset import DataError
+from finetune.data.manifest import ManifestError
+from finetune.data.sources import SourceError
 from finetune.distributed import destroy_distributed
 from finetune.logging_utils import setup_logging
-from finetune.trainer import Trainer
+from finetune.trainer import NonFiniteError, Trainer
+
+# Problems with the user's config, data or run dir: reported as one message, no traceback
+# (set MOSHI_FT_TRACEBACK=1 to see it). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ConfigError, ResumeMismatchError, CheckpointError, ManifestError, AlignmentError, AudioReadError,
+    DataError, SourceError, NonFiniteError, FileNotFoundError, FileExistsError,
+)
 
 logger = logging.getLogger("train")
 
@@ -34,5 +49,15 @@ def train(config: str) -> None:
         destroy_distributed()
 
 
+def main() -> None:
+    try:
+        fire.Fire(train)
+    except USER_ERRORS as e:
+        if os.environ.get("MOSHI_FT_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    fire.Fire(train)
+    main()

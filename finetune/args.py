@@ -396,6 +396,9 @@ def _validate(a: TrainArgs) -> list[str]:
             e.append(f"lora.rank must be > 0 when lora.enable is true, got {a.lora.rank}")
         if a.lora.scaling <= 0:
             e.append(f"lora.scaling must be > 0 when lora.enable is true, got {a.lora.scaling}")
+    if a.resume and a.overwrite_run_dir:
+        e.append("resume: true and overwrite_run_dir: true contradict each other: resume continues the run "
+                 "in run_dir, overwrite_run_dir deletes it; set one of them to false")
     if lora_on and a.full_finetuning:
         e.append("lora.enable: true and full_finetuning: true are exclusive: choose LoRA or full fine-tuning")
     if not lora_on and not a.full_finetuning:

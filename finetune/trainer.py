@@ -198,12 +198,9 @@ def prepare_run_dir(args: TrainArgs) -> bool:
     Every rank evaluates the rules on the same filesystem state before anyone changes it.
     """
     run_dir = Path(args.run_dir)
-    if args.resume and args.overwrite_run_dir:
-        raise ValueError("resume: true and overwrite_run_dir: true contradict each other: resume continues "
-                         f"{run_dir}, overwrite_run_dir deletes it; set one of them to false")
     exists = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run_dir {run_dir} exists and is not a folder")
+        raise FileExistsError(f"run_dir {run_dir} exists and is not a folder")
     if exists and not (args.resume or args.overwrite_run_dir):
         raise FileExistsError(
             f"run_dir {run_dir} already exists: set resume: true to continue that run, "
