@@ -15,6 +15,7 @@ seeded, so two runs write identical bytes), casts to ``param_dtype`` and writes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -223,12 +224,23 @@ def summary(model: DSAAModel, special: SpecialTokens, origin: dict[str, str]) ->
 
 
 def run(
-    config: str | Path, out: str | Path = "weights", force: bool = False, keep_adapters: bool = False
+    config: str | Path,
+    out: str | Path = "weights",
+    force: bool = False,
+    keep_adapters: bool = False,
+    source: str | None = None,
 ) -> Path:
-    """Reads ``config``, builds the DSAA model and writes ``out``; returns ``out``."""
+    """Reads ``config``, builds the DSAA model and writes ``out``; returns ``out``.
+
+    ``source`` overrides ``moshi_paths.moshi_path`` as the checkpoint to start from: a path,
+    or ``"repo"`` for the plain Moshi of ``moshi_paths.hf_repo_id``. It lets one YAML serve both
+    steps, its ``moshi_path`` naming the DSAA checkpoint that this command writes for training.
+    """
     from finetune.args import TrainArgs
 
     args = TrainArgs.load(config, validate=False)
+    if source is not None:
+        args.moshi_paths = dataclasses.replace(args.moshi_paths, moshi_path=None if source == "repo" else source)
     if not args.text_llm.enable:
         raise ValueError(f"{config}: text_llm.enable must be true to set up a DSAA model")
     if args.param_dtype not in DTYPES:
@@ -265,11 +277,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="reuse the source's DSAA tensors whose shapes match when the LLM is the same",
     )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="checkpoint to start from instead of moshi_paths.moshi_path: a path (Moshi, fork or DSAA), "
+        "or 'repo' for the plain Moshi of moshi_paths.hf_repo_id",
+    )
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         with torch.no_grad():
-            run(ns.config, ns.out, force=ns.force, keep_adapters=ns.keep_adapters)
+            run(ns.config, ns.out, force=ns.force, keep_adapters=ns.keep_adapters, source=ns.source)
     except (FileExistsError, FileNotFoundError, ValueError) as e:  # user errors: the message names the key
         print(f"setup_new_model: error: {e}", file=sys.stderr)
         return 1

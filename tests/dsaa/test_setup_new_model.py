@@ -118,3 +118,24 @@ def test_disabled_text_llm_is_an_error(tmp_path, moshi_source, tiny_llm_dir, wri
     config = write_config(moshi_source, tiny_llm_dir, enable=False)
     with pytest.raises(ValueError, match="text_llm.enable must be true"):
         setup_new_model.run(config, tmp_path / "w")
+
+
+def test_source_flag_lets_one_yaml_name_the_checkpoint_it_writes(
+    tmp_path, moshi_source, tiny_llm_dir, write_config
+):
+    import yaml
+
+    setup_new_model.run(write_config(moshi_source, tiny_llm_dir), tmp_path / "direct")
+    want = (tmp_path / "direct" / "model.safetensors").read_bytes()
+    # The training YAML's moshi_path names the output, which does not exist yet.
+    config = write_config(tmp_path / "w" / "model.safetensors", tiny_llm_dir)
+    with pytest.raises(FileNotFoundError):
+        setup_new_model.run(config, tmp_path / "w")
+    assert setup_new_model.main([str(config), "--out", str(tmp_path / "w"), "--source", str(moshi_source)]) == 0
+    assert (tmp_path / "w" / "model.safetensors").read_bytes() == want
+    # `--source repo`: the plain Moshi of moshi_paths.hf_repo_id (here a local folder in the hub layout).
+    raw = yaml.safe_load(config.read_text())
+    raw["moshi_paths"]["hf_repo_id"] = str(moshi_source.parent)
+    config.write_text(yaml.safe_dump(raw))
+    assert setup_new_model.main([str(config), "--out", str(tmp_path / "r"), "--source", "repo"]) == 0
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == want
