@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from finetune.args import TrainArgs
+from finetune.data.alignments import AlignedWord, write_alignments
+from finetune.data.audio import write_wav
+from finetune.data.codes_cache import AudioCodec, CodesStore
+from finetune.data.dataset import build_train_loader
+from finetune.data.manifest import write_manifest
 
-from finetune.args import TrainArgs  # noqa: E402
-from finetune.data.alignments import AlignedWord, write_alignments  # noqa: E402
-from finetune.data.audio import write_wav  # noqa: E402
-from finetune.data.codes_cache import AudioCodec, CodesStore  # noqa: E402
-from finetune.data.dataset import build_train_loader  # noqa: E402
-from finetune.data.manifest import write_manifest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class WordTokenizer:

@@ -19,15 +19,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moshi.models.lm import LMModel  # noqa: E402
-from moshi.models.loaders import default_lm_kwargs  # noqa: E402
+from moshi.models.lm import LMModel
+from moshi.models.loaders import default_lm_kwargs
 
 MOSHIKO_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
 

@@ -30,22 +30,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from finetune.args import TrainArgs  # noqa: E402
-from finetune.distributed import apply_fsdp, init_distributed, select_device, uses_fsdp  # noqa: E402
-from finetune.monitoring.utils import peak_memory_gib  # noqa: E402
-from finetune.trainer import MoshiLoss, build_optimizer, train_step  # noqa: E402
-from finetune.wrapped_model import (  # noqa: E402
+from finetune.args import TrainArgs
+from finetune.distributed import apply_fsdp, init_distributed, select_device, uses_fsdp
+from finetune.monitoring.utils import peak_memory_gib
+from finetune.trainer import MoshiLoss, build_optimizer, train_step
+from finetune.wrapped_model import (
     _set_trainable,
     compile_layers,
     default_param_groups,
     dtype_policy,
     transformer_layer_units,
 )
-from moshi.models.lm import LMModel  # noqa: E402
-from moshi.models.loaders import default_lm_kwargs  # noqa: E402
-from moshi.modules.lora import replace_all_linear_with_lora  # noqa: E402
+from moshi.models.lm import LMModel
+from moshi.models.loaders import default_lm_kwargs
+from moshi.modules.lora import replace_all_linear_with_lora
 
 TINY = {
     "dim": 64, "text_card": 48, "n_q": 8, "dep_q": 4, "card": 64, "num_heads": 4, "num_layers": 2,
@@ -104,10 +102,13 @@ def build(kwargs: dict, rank: int, gc: bool, device: torch.device, compile_: boo
     return model, args
 
 
-def random_codes(model: LMModel, batch: int, frames: int, device: torch.device, seed: int) -> torch.Tensor:
+def random_codes(
+    model: LMModel, batch: int, frames: int, device: torch.device, seed: int, text_vocab: int | None = None
+) -> torch.Tensor:
+    """Random codes `[B, 1+n_q, T]`; text ids below `text_vocab` (default: the model's text_card)."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, model.card, (batch, 1 + model.n_q, frames), generator=g)
-    codes[:, 0] = torch.randint(0, model.text_card, (batch, frames), generator=g)
+    codes[:, 0] = torch.randint(0, text_vocab or model.text_card, (batch, frames), generator=g)
     return codes.to(device)
 
 
@@ -211,12 +212,7 @@ def run_dsaa_case(name: str, device: torch.device, warmup: int, steps: int, comp
     model.train()
     opt = build_optimizer(dsaa_param_groups(model, args), device)
     loss_fn = DSAALoss.for_model(model, args)
-    codes = []
-    for s in range(2):
-        g = torch.Generator().manual_seed(s)
-        c = torch.randint(0, model.card, (batch, 1 + model.n_q, frames), generator=g)
-        c[:, 0] = torch.randint(0, model.dims.text_in_vocab, (batch, frames), generator=g)
-        codes.append(c.to(device))
+    codes = [random_codes(model, batch, frames, device, s, text_vocab=model.dims.text_in_vocab) for s in range(2)]
     return time_steps(f"train_step/{name}", model, opt, loss_fn, codes, device, warmup, steps,
                       {"batch": batch, "frames": frames, "gradient_checkpointing": gc, "compile": compile_,
                        "llm": f"Qwen2 D_l={llm_kwargs['hidden_size']} V={llm_kwargs['vocab_size']} "

@@ -18,11 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python scripts/create_jsonl.py` from anywhere
-    sys.path.insert(0, str(REPO))
-
-from finetune.data.manifest import write_manifest  # noqa: E402
+from finetune.data.manifest import write_manifest
 
 logger = logging.getLogger("create_jsonl")
 

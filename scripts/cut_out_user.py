@@ -27,20 +27,16 @@ from typing import Sequence
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python scripts/cut_out_user.py` from anywhere
-    sys.path.insert(0, str(REPO))
-
-from finetune.atomic import atomic_write_json  # noqa: E402
-from finetune.data.alignments import (  # noqa: E402
+from finetune.atomic import atomic_write_json
+from finetune.data.alignments import (
     AlignedWord,
     AlignmentError,
     alignment_path_for,
     parse_alignments,
     write_alignments,
 )
-from finetune.data.audio import AudioReadError, frame_rms_db, read_audio, write_wav  # noqa: E402
-from finetune.data.manifest import ManifestEntry, read_manifest, write_manifest  # noqa: E402
+from finetune.data.audio import AudioReadError, frame_rms_db, read_audio, write_wav
+from finetune.data.manifest import ManifestEntry, read_manifest, write_manifest
 
 logger = logging.getLogger("cut_out_user")
 

@@ -38,12 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python scripts/fix_alignments.py` from anywhere
-    sys.path.insert(0, str(REPO))
-
-from finetune.atomic import atomic_write_json  # noqa: E402
-from finetune.data.alignments import (  # noqa: E402
+from finetune.atomic import atomic_write_json
+from finetune.data.alignments import (
     MAIN_SPEAKER,
     AlignedWord,
     AlignmentError,
@@ -51,8 +47,8 @@ from finetune.data.alignments import (  # noqa: E402
     parse_alignments,
     write_alignments,
 )
-from finetune.data.audio import AudioReadError, frame_rms_db, read_audio  # noqa: E402
-from finetune.data.manifest import read_manifest  # noqa: E402
+from finetune.data.audio import AudioReadError, frame_rms_db, read_audio
+from finetune.data.manifest import read_manifest
 
 logger = logging.getLogger("fix_alignments")
 

@@ -22,18 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from finetune.atomic import atomic_save_safetensors, atomic_write_json  # noqa: E402
-from finetune.data.alignments import AlignedWord, write_alignments  # noqa: E402
-from finetune.data.audio import write_wav  # noqa: E402
-from finetune.data.manifest import write_manifest  # noqa: E402
+from finetune.atomic import atomic_save_safetensors, atomic_write_json
+from finetune.data.alignments import AlignedWord, write_alignments
+from finetune.data.audio import write_wav
+from finetune.data.manifest import write_manifest
 
 logger = logging.getLogger("make_tiny_assets")
 

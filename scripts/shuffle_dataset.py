@@ -20,11 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python scripts/shuffle_dataset.py` from anywhere
-    sys.path.insert(0, str(REPO))
-
-from finetune.data.manifest import read_manifest, write_manifest  # noqa: E402
+from finetune.data.manifest import read_manifest, write_manifest
 
 T = TypeVar("T")
 

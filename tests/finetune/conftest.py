@@ -143,3 +143,19 @@ def base_config() -> Callable[..., dict[str, Any]]:
 def synth() -> Callable[..., np.ndarray]:
     """`synth(duration, sr, seed, channels=2)`: synthetic `[C, n]` audio."""
     return synth_stereo
+
+
+@pytest.fixture
+def tok(spm_model):
+    """The tiny SentencePiece model behind Kyutai's text-tokenizer interface."""
+    from finetune.data.text_tokenizer import SentencePieceTextTokenizer
+
+    return SentencePieceTextTokenizer(spm_model)
+
+
+@pytest.fixture
+def store(tiny_mimi):
+    """An in-memory codes store over the tiny Mimi (no disk cache)."""
+    from finetune.data.codes_cache import AudioCodec, CodesStore
+
+    return CodesStore(AudioCodec(tiny_mimi))

@@ -10,20 +10,8 @@ import pytest
 from finetune.args import ConfigError, TrainArgs
 from finetune.data.alignments import AlignedWord, AlignmentError, write_alignments
 from finetune.data.audio import AudioReadError
-from finetune.data.codes_cache import AudioCodec, CodesStore
 from finetune.data.dataset import DataError, build_eval_loader, build_train_loader
 from finetune.data.manifest import ManifestError
-from finetune.data.text_tokenizer import SentencePieceTextTokenizer
-
-
-@pytest.fixture
-def tok(spm_model):
-    return SentencePieceTextTokenizer(spm_model)
-
-
-@pytest.fixture
-def store(tiny_mimi):
-    return CodesStore(AudioCodec(tiny_mimi))
 
 
 @pytest.fixture

@@ -9,19 +9,7 @@ import pytest
 import torch
 
 from finetune.args import TrainArgs
-from finetune.data.codes_cache import AudioCodec, CodesStore
 from finetune.data.dataset import build_eval_loader, build_train_loader
-from finetune.data.text_tokenizer import SentencePieceTextTokenizer
-
-
-@pytest.fixture
-def tok(spm_model):
-    return SentencePieceTextTokenizer(spm_model)
-
-
-@pytest.fixture
-def store(tiny_mimi):
-    return CodesStore(AudioCodec(tiny_mimi))
 
 
 @pytest.fixture
