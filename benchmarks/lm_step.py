@@ -3,7 +3,12 @@
 Usage:
     python benchmarks/lm_step.py                       # tiny and mid configs on CPU, float32, 2 threads
     python benchmarks/lm_step.py --config mid --iters 5
+    python benchmarks/lm_step.py --loss logits         # full logits + plain CE (upstream's loss) instead
     python benchmarks/lm_step.py --device cuda         # adds the moshiko-7B shape (random weights, bf16)
+
+``--loss trainer`` (default) is the step ``train.py`` runs: ``MoshiLoss``, whose text head is fused into a
+chunked cross-entropy (``LMModel.forward_train``); ``--loss logits`` is ``model(codes)`` then masked CE on the
+full logits, as upstream's trainer does. ``benchmarks/vs_kyutai.py lm`` times both against Kyutai's package.
 
 Prints one human line and one JSON line per config. Each config runs in its own subprocess so that the CPU peak
 memory (max RSS) is per config. Timings on a shared machine are noisy: compare medians of several runs.
@@ -23,8 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+# Also Kyutai's LMModel: benchmarks/vs_kyutai.py runs this file in a venv with their package.
 from moshi.models.lm import LMModel
-from moshi.models.loaders import default_lm_kwargs
 
 MOSHIKO_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
 
@@ -53,14 +58,26 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _random_codes(model: LMModel, batch: int, frames: int, device: torch.device) -> torch.Tensor:
+def random_codes(model: LMModel, batch: int, frames: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(0)
     audio = torch.randint(0, model.card, (batch, model.n_q, frames), generator=gen)
     text = torch.randint(0, model.text_card, (batch, 1, frames), generator=gen)
     return torch.cat([text, audio], 1).to(device)
 
 
-def _loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): steadier than wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _trainer_loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
+    from finetune.trainer import MoshiLoss
+
+    return MoshiLoss(model.delays, model.dep_q, 1.0, 1.0, ())(model, codes).total()
+
+
+def _logits_loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
     out = model(codes)
     targets = codes[:, 1 : 1 + model.dep_q]
     audio = F.cross_entropy(out.logits[out.mask].float(), targets[out.mask])
@@ -68,26 +85,37 @@ def _loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
     return audio + text
 
 
-def run_one(name: str, device: str, dtype: torch.dtype, batch: int, frames: int, warmup: int, iters: int) -> dict:
+LOSSES = {"trainer": _trainer_loss, "logits": _logits_loss}
+
+
+def run_one(
+    name: str, device: str, dtype: torch.dtype, batch: int, frames: int, warmup: int, iters: int, loss: str
+) -> dict:
     dev = torch.device(device)
-    kwargs = default_lm_kwargs() if name == "7b" else dict(CONFIGS[name])
+    if name == "7b":
+        from moshi.models.loaders import default_lm_kwargs
+
+        kwargs = default_lm_kwargs()
+    else:
+        kwargs = dict(CONFIGS[name])
     torch.manual_seed(0)
     model = LMModel(**kwargs, device=dev, dtype=dtype).train()
     n_params = sum(p.numel() for p in model.parameters())
-    codes = _random_codes(model, batch, frames, dev)
+    codes = random_codes(model, batch, frames, dev)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + iters):
         sync()
-        start = time.perf_counter()
-        _loss(model, codes).backward()
+        start, start_cpu = time.perf_counter(), _cpu_seconds()
+        LOSSES[loss](model, codes).backward()
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(_cpu_seconds() - start_cpu)
         model.zero_grad(set_to_none=True)
     median = statistics.median(times)
     if dev.type == "cuda":
@@ -103,9 +131,11 @@ def run_one(name: str, device: str, dtype: torch.dtype, batch: int, frames: int,
         "threads": torch.get_num_threads(),
         "batch": batch,
         "frames": frames,
+        "loss": loss,
         "params": n_params,
         "median_s": round(median, 5),
         "min_s": round(min(times), 5),
+        "cpu_median_s": round(statistics.median(cpu_times), 5),
         "frames_per_s": round(batch * frames / median, 2),
         "peak_gib": round(peak_gib, 3),
         "peak_kind": peak_kind,
@@ -124,6 +154,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loss", default="trainer", choices=sorted(LOSSES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -138,9 +169,10 @@ def main() -> None:
 
     default_dtype = "bfloat16" if args.config == "7b" else "float32"
     dtype = getattr(torch, args.dtype or default_dtype)
-    result = run_one(args.config, args.device, dtype, args.batch, args.frames, args.warmup, args.iters)
+    result = run_one(args.config, args.device, dtype, args.batch, args.frames, args.warmup, args.iters, args.loss)
     print(
         f"{result['name']}: {result['device']} {result['dtype']} B={result['batch']} T={result['frames']} "
+        f"loss={result['loss']} "
         f"params={result['params'] / 1e6:.2f}M  fwd+bwd median {result['median_s'] * 1000:.1f} ms  "
         f"{result['frames_per_s']:.1f} frames/s  peak {result['peak_gib']:.2f} GiB ({result['peak_kind']})",
         flush=True,

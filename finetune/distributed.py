@@ -184,6 +184,19 @@ def apply_fsdp(
     return model
 
 
+def register_forward_train(model: nn.Module) -> None:
+    """Makes a sharded model's ``forward_train`` behave like ``forward`` under FSDP2.
+
+    The losses call ``forward_train`` (parameters must be all-gathered around it, as around ``forward``) and
+    then multiply by the text head's weight after it returns, so the root unit, which owns the text head,
+    stays unsharded until its backward (it would be re-gathered for that backward anyway).
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    register_fsdp_forward_method(model, "forward_train")
+    model.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+
+
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clips to a global L2 norm over all ranks' shards; returns that norm (a plain 0-dim tensor).
 

@@ -28,14 +28,8 @@ import torch
 from torch import nn
 
 from finetune.args import TrainArgs
-from finetune.distributed import apply_fsdp, broadcast_object, get_rank, uses_fsdp
-from finetune.loss import (
-    LossTerms,
-    audio_loss_weights,
-    chunked_linear_cross_entropy,
-    text_loss_weights,
-    weighted_cross_entropy,
-)
+from finetune.distributed import apply_fsdp, broadcast_object, get_rank, register_forward_train, uses_fsdp
+from finetune.loss import LossTerms, train_output_loss_terms
 from finetune.trainer import MoshiLoss
 from finetune.wrapped_model import compile_layers, dtype_policy, store_trained_in
 from moshi.models.dsaa import DSAAModel
@@ -55,12 +49,6 @@ from moshi.models.loaders import CheckpointInfo
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 
 logger = logging.getLogger(__name__)
-
-# Rows of text-head logits computed at once by the chunked text loss: 256 x 151936 float32 logits are
-# 0.15 GB, twice that with the softmax gradient. On CPU 256-row chunks were no slower than 1024-row ones and
-# peaked lower (benchmarks/train_step.py --dsaa); on GPU each chunk is still a 256 x D_l x V matmul.
-TEXT_LOSS_CHUNK_ROWS = 256
-
 
 # ----------------------------------------------------------------------------- the model
 
@@ -226,14 +214,9 @@ def materialize(model: DSAAModel, args: TrainArgs, device: torch.device) -> DSAA
     if args.compile:
         compile_layers(model)
     if uses_fsdp(device):
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
         promote_scalar_parameters(model)
         apply_fsdp(model, device, dsaa_fsdp_units(model), compute_dtype=policy.compute)
-        register_fsdp_forward_method(model, "forward_train")
-        # The loss multiplies by the text head's weight after forward_train returns: the root unit (which owns
-        # text_head) must stay unsharded until its backward, as it would be re-gathered for it anyway.
-        model.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+        register_forward_train(model)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, value in buffers.items():
@@ -276,7 +259,7 @@ class DSAALoss(MoshiLoss):
 
     def __init__(self, delays: list[int], dep_q: int, first_codebook_weight_multiplier: float,
                  text_padding_weight: float, text_padding_ids: tuple[int, ...], only_text: bool = False,
-                 audio_loss_skip_every: int = 0, chunk_rows: int = TEXT_LOSS_CHUNK_ROWS) -> None:
+                 audio_loss_skip_every: int = 0, chunk_rows: int | None = None) -> None:
         super().__init__(delays, dep_q, first_codebook_weight_multiplier, text_padding_weight, text_padding_ids)
         self.only_text = only_text
         self.skip_every = audio_loss_skip_every
@@ -303,18 +286,8 @@ class DSAALoss(MoshiLoss):
 
     def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms:
         out = model.forward_train(codes)  # type: ignore[operator]
-        targets = codes[:, :1]
-        w_text = text_loss_weights(targets, out.text_mask, self.alpha, self.pad_ids)
-        keep = w_text.reshape(-1) > 0  # only rows with a target go through the [V, D_l] head
-        hidden = out.text_hidden.reshape(-1, out.text_hidden.shape[-1])[keep]
-        ts, tw = chunked_linear_cross_entropy(hidden, out.text_head_weight, targets.reshape(-1)[keep],
-                                              w_text.reshape(-1)[keep], self.chunk_rows)
-        if self.audio_off and model.training:
-            zero = ts.new_zeros(())
-            return LossTerms(ts, tw, zero, zero)
-        w_audio = audio_loss_weights(out.mask, self.beta)
-        aus, aw = weighted_cross_entropy(out.logits, codes[:, 1 : 1 + self.dep_q], w_audio)
-        return LossTerms(ts, tw, aus, aw)
+        with_audio = not (self.audio_off and model.training)
+        return train_output_loss_terms(out, codes, self.beta, self.alpha, self.pad_ids, self.chunk_rows, with_audio)
 
 
 # ----------------------------------------------------------------------------- tokenizer and export
@@ -375,7 +348,7 @@ def dsaa_export_writer(args: TrainArgs, info: CheckpointInfo, model: nn.Module) 
 
 
 __all__ = [
-    "TEXT_LOSS_CHUNK_ROWS", "TOKENIZER_DIR", "DSAALoss", "build_dsaa_for_training", "dsaa_export_writer",
+    "TOKENIZER_DIR", "DSAALoss", "build_dsaa_for_training", "dsaa_export_writer",
     "dsaa_fsdp_units", "dsaa_param_groups", "materialize", "promote_scalar_parameters", "dsaa_text_tokenizer", "dsaa_tokenizer_dir", "prepare_for_training",
     "set_gradient_checkpointing", "skeleton_from_config",
 ]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moshi.models.lm import LMTrainOutput
+
 # Moshi's text PAD (3) and EPAD (0) ids; both are down-weighted by `text_padding_weight`.
 DEFAULT_TEXT_PADDING_IDS: tuple[int, ...] = (3, 0)
 
@@ -160,6 +162,40 @@ def moshi_loss_terms(
     return LossTerms(ts, tw, aus, aw)
 
 
+def train_output_loss_terms(
+    out: LMTrainOutput,
+    codes: torch.Tensor,
+    first_codebook_weight_multiplier: float = 1.0,
+    text_padding_weight: float = 0.5,
+    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+    chunk_rows: int | None = None,
+    with_audio: bool = True,
+) -> LossTerms:
+    """:func:`moshi_loss_terms` from a model's ``forward_train`` output, the text head fused into the CE.
+
+    Only positions with a text weight go through the text head, in row chunks
+    (:func:`chunked_linear_cross_entropy`), so the ``[B, T, V]`` logits never exist. The value equals
+    :func:`moshi_loss_terms` on ``forward``'s output up to float rounding. ``with_audio=False`` leaves the
+    audio terms at 0 (DSAA's text-only steps) and skips their CE.
+    """
+    targets = codes[:, :1]
+    w_text = text_loss_weights(targets, out.text_mask, text_padding_weight, text_padding_ids).reshape(-1)
+    keep = w_text > 0
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1])[keep]
+
+    extra = [(rows(h), w) for h, w in out.text_extra]
+    ts, tw = chunked_linear_cross_entropy(rows(out.text_hidden), out.text_head_weight, targets.reshape(-1)[keep],
+                                          w_text[keep], chunk_rows, bias=out.text_head_bias, extra=extra)
+    if not with_audio:
+        zero = ts.new_zeros(())
+        return LossTerms(ts, tw, zero, zero)
+    w_audio = audio_loss_weights(out.mask, first_codebook_weight_multiplier)
+    aus, aw = weighted_cross_entropy(out.logits, codes[:, 1 : 1 + out.logits.shape[1]], w_audio)
+    return LossTerms(ts, tw, aus, aw)
+
+
 def loss_weight_sums_from_codes(
     codes: torch.Tensor,
     delays: Sequence[int],
@@ -188,51 +224,96 @@ def loss_weight_sums_from_codes(
     return wt.sum(), wa.sum()
 
 
+# Rows per chunk of the fused text CE: about 4M float32 logits (16 MB) per chunk for Moshi's 32k vocabulary,
+# small enough to stay under glibc's mmap threshold on CPU (a larger fresh buffer is page-faulted on every
+# call) and in cache for the softmax passes; never under 128 rows, so the chunk matmuls stay efficient.
+CHUNK_LOGITS = 4 * 2**20
+MIN_CHUNK_ROWS = 128
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk of :func:`chunked_linear_cross_entropy` for a head of ``vocab`` outputs."""
+    return max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
-    """Fused ``linear → float32 CE`` over row chunks; gradients are computed in the forward pass.
+    """Fused ``Σ_i hidden_i @ weight_iᵀ (+ bias) → float32 CE`` over row chunks; gradients are computed in
+    the forward pass.
 
     Computing the gradient while the chunk's logits are at hand (instead of saving them or recomputing
-    them in backward) keeps peak memory at one chunk of logits and costs no extra matmul.
+    them in backward) keeps peak memory at one chunk of logits and costs no extra matmul. The softmax
+    gradient is formed in place in the logits buffer, so a chunk allocates nothing of its size but the logits.
+
+    Inputs after the fixed arguments are ``bias`` (or None) then ``hidden_0, weight_0, hidden_1, weight_1,
+    ...``: a LoRA head is ``(h, W)`` plus ``(scaling · h Aᵀ, B)``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, chunk_size, grad_enabled):  # type: ignore[override]
-        n = hidden.shape[0]
+    def forward(ctx, targets, weights, chunk_size, grad_enabled, bias, *pairs):  # type: ignore[override]
+        hiddens, heads = list(pairs[0::2]), list(pairs[1::2])
+        n = hiddens[0].shape[0]
         # Grad mode is always off inside forward; the caller's mode comes in as `grad_enabled`.
-        need_h = grad_enabled and ctx.needs_input_grad[0]
-        need_w = grad_enabled and ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        need = ctx.needs_input_grad
+        need_h = [grad_enabled and need[5 + 2 * i] for i in range(len(hiddens))]
+        need_w = [grad_enabled and need[6 + 2 * i] for i in range(len(heads))]
+        need_b = grad_enabled and bias is not None and need[4]
+        device = hiddens[0].device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        grad_h = [torch.empty(h.shape, dtype=h.dtype, device=device) if nh else None for h, nh in zip(hiddens, need_h)]
+        grad_w: list[torch.Tensor | None] = [None] * len(heads)  # float32 accumulators, created by chunk 0
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=device) if need_b else None
+        any_grad = any(need_h) or any(need_w) or need_b
         w_all = weights.float()
         for start in range(0, n, chunk_size):
-            h = hidden[start : start + chunk_size]
-            w = w_all[start : start + chunk_size]
-            y = targets[start : start + chunk_size].clamp_min(0)
-            z = (h @ weight.t()).float()  # [c, V], same rounding as F.linear(h, W).float()
-            lse = torch.logsumexp(z, dim=-1)
+            stop = min(n, start + chunk_size)
+            rows = [h[start:stop] for h in hiddens]
+            w = w_all[start:stop]
+            y = targets[start:stop].clamp_min(0)
+            z = rows[0] @ heads[0].t()  # [c, V], same rounding as F.linear(h, W)
+            for h, head in zip(rows[1:], heads[1:]):
+                z.addmm_(h, head.t())
+            if bias is not None:
+                z += bias
+            # Softmax in place in the chunk's own buffer (logsumexp would allocate a shifted copy):
+            # z - max, then exp, then the row sums; CE = log(sum) - (z_y - max).
+            z = z.float()
+            z.sub_(z.amax(dim=-1, keepdim=True))
             tgt = z.gather(1, y[:, None]).squeeze(1)
-            total += ((lse - tgt) * w).sum()
-            if need_h or need_w:
-                g = torch.softmax(z, dim=-1)  # d CE / d z = softmax - onehot
-                g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
-                g *= w[:, None]
-                g = g.to(hidden.dtype)
-                if need_h:
-                    grad_h[start : start + chunk_size] = g @ weight
-                if need_w:  # accumulate in float32 in place: no [V, D] temporary per chunk
-                    grad_w.addmm_(g.t().float(), h.float())
-        ctx.save_for_backward(grad_h if need_h else None, grad_w.to(weight.dtype) if need_w else None)
+            sums = z.exp_().sum(dim=-1)
+            total += ((sums.log() - tgt) * w).sum()
+            if not any_grad:
+                continue
+            # d(w·CE)/dz = w·softmax(z) - w·onehot(y).
+            g = z.mul_((w / sums)[:, None])
+            g[torch.arange(stop - start, device=device), y] -= w
+            if need_b:
+                grad_b += g.sum(0)
+            g = g.to(hiddens[0].dtype)
+            for i, (h, head) in enumerate(zip(rows, heads)):
+                if need_h[i]:
+                    torch.mm(g, head, out=grad_h[i][start:stop])
+                if need_w[i]:  # accumulate in float32 in place: no [V, D] temporary per chunk
+                    if grad_w[i] is None:
+                        grad_w[i] = torch.mm(g.t().float(), h.float())
+                    else:
+                        grad_w[i].addmm_(g.t().float(), h.float())
+        saved = list(grad_h)
+        saved += [None if gw is None else gw.to(head.dtype) for gw, head in zip(grad_w, heads)]
+        saved.append(None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.n_pairs = len(hiddens)
+        ctx.save_for_backward(*saved)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         # The saved gradients are ours alone and the graph is used once per step, so they are
         # scaled in place: a second [V, D] copy of the head's gradient would double peak memory.
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
-        gw = grad_w.mul_(grad_out.to(grad_w.dtype)) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        saved = ctx.saved_tensors
+        k = ctx.n_pairs
+        scaled = [None if t is None else t.mul_(grad_out.to(t.dtype)) for t in saved]
+        grad_h, grad_w, grad_b = scaled[:k], scaled[k : 2 * k], scaled[2 * k]
+        pairs = [g for pair in zip(grad_h, grad_w) for g in pair]
+        return (None, None, None, None, grad_b, *pairs)
 
 
 def chunked_linear_cross_entropy(
@@ -240,25 +321,41 @@ def chunked_linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     weights: torch.Tensor,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    extra: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ w · CE(hidden @ weight.T, targets), Σ w)`` without float32 logits for all rows at once.
+    """``(Σ w · CE(hidden @ weight.T + Σ extra_h @ extra_W.T + bias, targets), Σ w)`` without float32 logits
+    for all rows at once.
 
     Args:
         hidden (Tensor): ``[N, D]`` (rows with weight 0 may be anything finite; better: drop them).
-        weight (Tensor): ``[V, D]`` head weight (no bias). Under FSDP, call this inside the forward of
-            the module that owns ``weight`` so it is unsharded.
+        weight (Tensor): ``[V, D]`` head weight.
         targets (Tensor): ``[N]`` int64; entries with weight 0 may be -1.
         weights (Tensor): ``[N]`` ≥ 0.
-        chunk_size (int): rows per chunk; peak extra memory ≈ ``chunk_size × V × 4`` bytes (×2 in training).
+        chunk_size (int | None): rows per chunk (default :func:`default_chunk_rows`); peak extra memory ≈
+            ``chunk_size × V × 4`` bytes.
+        bias (Tensor | None): ``[V]`` head bias.
+        extra: more ``(hidden_i [N, D_i], weight_i [V, D_i])`` terms summed into the logits (a LoRA head's
+            low-rank path).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, D] and weight [V, D], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    if targets.shape != (hidden.shape[0],) or weights.shape != (hidden.shape[0],):
-        raise ValueError(f"targets/weights must be [N={hidden.shape[0]}], got {tuple(targets.shape)}, {tuple(weights.shape)}")
+    n, v = hidden.shape[0], weight.shape[0]
+    for h, w in extra:
+        if h.dim() != 2 or w.dim() != 2 or h.shape[0] != n or w.shape[0] != v or h.shape[1] != w.shape[1]:
+            raise ValueError(f"extra term: expected hidden [{n}, r] and weight [{v}, r], "
+                             f"got {tuple(h.shape)}, {tuple(w.shape)}")
+    if bias is not None and bias.shape != (v,):
+        raise ValueError(f"bias must be [V={v}], got {tuple(bias.shape)}")
+    if targets.shape != (n,) or weights.shape != (n,):
+        raise ValueError(f"targets/weights must be [N={n}], got {tuple(targets.shape)}, {tuple(weights.shape)}")
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(v)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    pairs = [t for pair in [(hidden, weight), *extra] for t in pair]
     total = _ChunkedLinearCE.apply(
-        hidden, weight, targets, weights.detach(), int(chunk_size), torch.is_grad_enabled()
+        targets, weights.detach(), int(chunk_size), torch.is_grad_enabled(), bias, *pairs
     )
     return total, weights.float().sum()

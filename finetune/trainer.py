@@ -39,7 +39,7 @@ from finetune.distributed import (
     select_device,
 )
 from finetune.eval import evaluate
-from finetune.loss import LossTerms, loss_weight_sums_from_codes, moshi_loss_terms
+from finetune.loss import LossTerms, loss_weight_sums_from_codes, train_output_loss_terms
 from finetune.monitoring import MetricsLogger, ThroughputMeter, format_eval_line, format_train_line
 from finetune.monitoring.utils import allocated_memory_gib, eta_seconds, peak_memory_gib
 from finetune.wrapped_model import build_model, default_param_groups, dtype_policy, resolve_checkpoint_info
@@ -94,9 +94,8 @@ class MoshiLoss:
         """Moshi's loss is the same on every step (DSAA's skips the audio part on some)."""
 
     def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms:
-        out = model(codes)
-        return moshi_loss_terms(out.text_logits, out.text_mask, out.logits, out.mask, codes,
-                                self.beta, self.alpha, self.pad_ids)
+        # forward_train leaves the text head to the fused chunked CE: no [B, T, V] float32 logits.
+        return train_output_loss_terms(model.forward_train(codes), codes, self.beta, self.alpha, self.pad_ids)
 
 
 # ----------------------------------------------------------------------------- one step

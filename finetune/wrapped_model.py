@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from finetune.args import TrainArgs
-from finetune.distributed import apply_fsdp, get_rank, get_world_size, uses_fsdp
+from finetune.distributed import apply_fsdp, get_rank, get_world_size, register_forward_train, uses_fsdp
 from moshi.models.lm import LMModel
 from moshi.models.loaders import CheckpointInfo, get_moshi_lm
 from moshi.modules.lora import init_lora_for_training, replace_all_linear_with_lora
@@ -144,6 +144,7 @@ def build_model(
         if args.compile:
             compile_layers(model)
         apply_fsdp(model, device, fsdp_units or transformer_layer_units(model), compute_dtype=policy.compute)
+        register_forward_train(model)
         model.to_empty(device=device)
         set_model_state_dict(
             model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)

@@ -21,7 +21,7 @@ from torch import nn
 
 from modules import MaskedEmbedding, ResidualDepformerProjector, StreamingLLM, TextPreservingProjector
 
-from .lm import ZERO_TOKEN_ID, LMModel, LMOutput, delay_codes, undelay_logits
+from .lm import ZERO_TOKEN_ID, LMModel, LMOutput, LMTrainOutput, delay_codes, undelay_logits
 from .lm_gen import LMGen
 
 Device = torch.device | str | None
@@ -54,26 +54,8 @@ class DSAADims:
     card: int
 
 
-@dataclass
-class DSAATrainOutput:
-    """Teacher-forced outputs without the full text logits (the 150k-vocabulary logits are computed in chunks).
-
-    ``text_logits = text_hidden @ text_head_weight.T`` gives :attr:`LMOutput.text_logits` (NaN positions
-    included: un-delaying fills ``text_hidden`` with NaN where ``text_logits`` would be NaN).
-
-    Attributes:
-        logits (torch.Tensor): ``[B, dep_q, T, card]`` audio logits, as in :class:`LMOutput`.
-        mask (torch.Tensor): bool ``[B, dep_q, T]``.
-        text_hidden (torch.Tensor): ``[B, 1, T, D_l]``, the text head input ``h + alpha * fusion(z)``.
-        text_mask (torch.Tensor): bool ``[B, 1, T]``.
-        text_head_weight (torch.Tensor): ``[V, D_l]``, the text head's weight (a parameter, so gradients flow).
-    """
-
-    logits: torch.Tensor
-    mask: torch.Tensor
-    text_hidden: torch.Tensor
-    text_mask: torch.Tensor
-    text_head_weight: torch.Tensor
+# DSAA's training output is Moshi's: the text head (the LLM's LM head) is applied by the chunked loss.
+DSAATrainOutput = LMTrainOutput
 
 
 def _module_vocab_and_width(llm: nn.Module) -> tuple[int, int, int]:

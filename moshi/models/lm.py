@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..modules.lora import LoRALinear
 from ..modules.streaming import StreamingContainer
 from ..modules.transformer import (
     StreamingTransformer,
@@ -48,6 +49,42 @@ class LMOutput:
     mask: torch.Tensor
     text_logits: torch.Tensor
     text_mask: torch.Tensor
+
+
+@dataclass
+class LMTrainOutput:
+    """Teacher-forced outputs with the text head left unapplied, for a loss that applies it in row chunks.
+
+    The text head is the largest matmul of a step and its float32 logits the largest activation (``[B, T, V]``);
+    a fused chunked cross-entropy over ``text_hidden`` never materialises them and forms the softmax gradient in
+    place. :meth:`full_text_logits` gives :attr:`LMOutput.text_logits` exactly (NaN positions included:
+    un-delaying fills ``text_hidden`` with NaN where ``text_logits`` would be NaN).
+
+    Attributes:
+        logits (torch.Tensor): ``[B, dep_q, T, card]`` audio logits, as in :class:`LMOutput`.
+        mask (torch.Tensor): bool ``[B, dep_q, T]``.
+        text_hidden (torch.Tensor): ``[B, 1, T, D]``, the text head's input.
+        text_mask (torch.Tensor): bool ``[B, 1, T]``.
+        text_head_weight (torch.Tensor): ``[V, D]``, the head's weight (the parameter itself, so gradients flow).
+        text_head_bias (torch.Tensor | None): ``[V]``.
+        text_extra (tuple): ``(input [B, 1, T, r], weight [V, r])`` terms added to the logits: a LoRA head's
+            scaled low-rank path ``(scaling · lora_A(h), lora_B.weight)``.
+    """
+
+    logits: torch.Tensor
+    mask: torch.Tensor
+    text_hidden: torch.Tensor
+    text_mask: torch.Tensor
+    text_head_weight: torch.Tensor
+    text_head_bias: torch.Tensor | None = None
+    text_extra: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    def full_text_logits(self) -> torch.Tensor:
+        """``[B, 1, T, V]``: the logits the text head would give (as :attr:`LMOutput.text_logits`)."""
+        z = F.linear(self.text_hidden, self.text_head_weight, self.text_head_bias)
+        for h, w in self.text_extra:
+            z = z + F.linear(h, w)
+        return z
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -534,7 +571,8 @@ class LMModel(StreamingContainer):
         sequence: torch.Tensor,
         sum_condition: torch.Tensor | None = None,
         cross_attention_src: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with_text_head: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Temporal pass over already-delayed ``sequence [B, K, T]``.
 
         Args:
@@ -542,6 +580,7 @@ class LMModel(StreamingContainer):
             sum_condition (torch.Tensor | None): ``[B, T or 1, dim]`` added to the input embeddings (the "sum"
                 conditioning of conditioned models), cast to their dtype.
             cross_attention_src: not supported (must be None).
+            with_text_head (bool): compute the text logits (else ``None`` is returned in their place).
 
         Returns:
             ``(transformer_out [B, T, dim], text_logits [B, 1, T, text_card_out])``; ``transformer_out`` is after
@@ -556,6 +595,8 @@ class LMModel(StreamingContainer):
         if sum_condition is not None:
             x = x + sum_condition.to(x.dtype)
         transformer_out = self.out_norm(self.transformer(x))
+        if not with_text_head:
+            return transformer_out, None
         text_logits = self.text_linear(transformer_out)[:, None]
         return transformer_out, text_logits
 
@@ -614,23 +655,49 @@ class LMModel(StreamingContainer):
         inputs = self.depformer_projections(transformer_out) + self.depformer_token_embeddings(sequence)
         return self.run_depformer(inputs)
 
-    def forward(self, codes: torch.Tensor, condition_tensors: Any = None) -> LMOutput:
-        """Teacher forcing on ``codes [B, K, T]`` (int64, ``-1`` = zero token) → :class:`LMOutput`."""
+    def _hidden_and_audio_logits(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(transformer_out [B, T, dim], audio logits, audio mask)`` of teacher forcing on ``codes``."""
         B, K, T = codes.shape
         if K != self.num_codebooks:
             raise ValueError(f"codes has {K} streams, expected num_codebooks = {self.num_codebooks}")
-        if condition_tensors:
-            raise NotImplementedError("condition_tensors (conditioned models) are not supported")
         delayed = delay_codes(codes, self.delays, self.initial_tokens(codes.device))
-        transformer_out, text_logits = self.forward_text(delayed[:, :, :-1])
+        transformer_out, _ = self.forward_text(delayed[:, :, :-1], with_text_head=False)
         if self.depformer is not None:
             logits = self.forward_depformer_training(delayed[:, :, 1:], transformer_out)
         else:
-            logits = text_logits.new_zeros(B, 0, T, self.card)
+            logits = transformer_out.new_zeros(B, 0, T, self.card)
         dq = self.dep_q
         logits, mask = undelay_logits(logits, self.delays[1 : 1 + dq], codes[:, 1 : 1 + dq] != ZERO_TOKEN_ID)
+        return transformer_out, logits, mask
+
+    def forward(self, codes: torch.Tensor, condition_tensors: Any = None) -> LMOutput:
+        """Teacher forcing on ``codes [B, K, T]`` (int64, ``-1`` = zero token) → :class:`LMOutput`."""
+        if condition_tensors:
+            raise NotImplementedError("condition_tensors (conditioned models) are not supported")
+        transformer_out, logits, mask = self._hidden_and_audio_logits(codes)
+        text_logits = self.text_linear(transformer_out)[:, None]
         text_logits, text_mask = undelay_logits(text_logits, self.delays[:1], codes[:, :1] != ZERO_TOKEN_ID)
         return LMOutput(logits, mask, text_logits, text_mask)
+
+    def forward_train(self, codes: torch.Tensor) -> LMTrainOutput:
+        """:meth:`forward` with the text head left to the loss (see :class:`LMTrainOutput`).
+
+        Under FSDP2 register it as a forward method and keep the root unsharded after forward: the loss reads
+        ``text_linear``'s weight after this returns.
+        """
+        transformer_out, logits, mask = self._hidden_and_audio_logits(codes)
+        valid = codes[:, :1] != ZERO_TOKEN_ID
+        head = self.text_linear
+        extra: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if isinstance(head, LoRALinear):
+            low = head.lora_A(transformer_out) * head.scaling
+            low, _ = undelay_logits(low[:, None], self.delays[:1], valid)
+            extra.append((low, head.lora_B.weight))
+            head = head.frozen_W
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"forward_train needs a Linear (or LoRA) text head, got {type(head).__name__}")
+        hidden, text_mask = undelay_logits(transformer_out[:, None], self.delays[:1], valid)
+        return LMTrainOutput(logits, mask, hidden, text_mask, head.weight, head.bias, tuple(extra))
 
     # -- streaming -------------------------------------------------------------------------------------------
 
@@ -677,6 +744,7 @@ def _per_codebook_linear(modules: list[nn.Module], x: torch.Tensor) -> torch.Ten
 __all__ = [
     "LMModel",
     "LMOutput",
+    "LMTrainOutput",
     "ScaledEmbedding",
     "delay_codes",
     "undelay_logits",

@@ -73,8 +73,10 @@ class ActivationGating(nn.Module):
 
     def gate(self, u: torch.Tensor) -> torch.Tensor:
         """``act(first half) * second half`` of a ``linear_in`` output ``[..., 2*hidden]``."""
-        u = u.view(*u.shape[:-1], 2, self.hidden)
-        return self.activation(u[..., 0, :]) * u[..., 1, :]
+        # unbind (not two slices): its backward stacks the two gradients into one fresh buffer, where each
+        # slice's backward would zero-fill a full-size buffer and copy into it.
+        a, b = u.view(*u.shape[:-1], 2, self.hidden).unbind(-2)
+        return self.activation(a) * b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_out(self.gate(self.linear_in(x)))

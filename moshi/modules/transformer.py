@@ -364,12 +364,21 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         offset_cpu = 0 if state is None else state.offset_cpu
         schedule = self.weights_per_step_schedule
         projected = apply_per_step_linear(self.in_projs, x, offset_cpu, schedule)  # [B, T, E + 2·kv_dim]
-        q = projected[..., :E].reshape(B, T, H, D).transpose(1, 2)
-        kv = projected[..., E:].reshape(B, T, 2, Hkv, D)
-        k = kv[:, :, 0].transpose(1, 2)
-        v = kv[:, :, 1].transpose(1, 2)
-        if self.rope is not None:
-            q, k = self.rope(q, k, 0 if state is None else state.offset)
+        rope_offset = 0 if state is None else state.offset
+        # split/unbind rather than slices: their backwards concatenate or stack the gradients, where each slice's
+        # backward would zero-fill a buffer the size of `projected`.
+        if Hkv == H:  # q and k have the same shape: one rotation for both
+            qk, v = projected.view(B, T, 3, H, D).split([2, 1], dim=2)
+            if self.rope is not None:
+                qk = self.rope.rotate(qk, rope_offset)
+            q, k = qk.unbind(2)
+            v = v.squeeze(2)
+        else:
+            q, k, v = projected.split([E, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+            if self.rope is not None:
+                q, k = self.rope.rotate(q, rope_offset), self.rope.rotate(k, rope_offset)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         attn_mask: torch.Tensor | None = None
         is_causal = False

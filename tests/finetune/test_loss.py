@@ -8,8 +8,10 @@ import torch
 from finetune.loss import (
     LossTerms,
     chunked_linear_cross_entropy,
+    default_chunk_rows,
     loss_weight_sums_from_codes,
     moshi_loss_terms,
+    train_output_loss_terms,
     weighted_cross_entropy,
 )
 
@@ -142,3 +144,69 @@ def test_chunked_linear_ce_frozen_head_and_no_grad():
     assert float(s2) == pytest.approx(float(s.detach()))
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_linear_cross_entropy(h, w, y, torch.ones(5), chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk", [3, 64, None])
+def test_chunked_linear_ce_with_bias_and_low_rank_terms_equals_plain_computation(chunk):
+    g = torch.Generator().manual_seed(2)
+    n, d, r, v = 11, 8, 3, 29
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = (torch.randn(v, d, generator=g) / math.sqrt(d)).requires_grad_(True)
+    u = torch.randn(n, r, generator=g, requires_grad=True)
+    b_w = torch.randn(v, r, generator=g, requires_grad=True)
+    bias = torch.randn(v, generator=g, requires_grad=True)
+    y = torch.randint(0, v, (n,), generator=g)
+    wts = torch.rand(n, generator=g) + 0.1
+    leaves = (h, w, u, b_w, bias)
+    s, _ = chunked_linear_cross_entropy(h, w, y, wts, chunk, bias=bias, extra=[(u, b_w)])
+    grads = torch.autograd.grad(3.0 * s, leaves)
+    logits = torch.nn.functional.linear(h, w, bias) + u @ b_w.T
+    s_ref, _ = weighted_cross_entropy(logits, y, wts)
+    grads_ref = torch.autograd.grad(3.0 * s_ref, leaves)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_linear_ce_rejects_mismatched_terms():
+    h, w, y, wts = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long), torch.ones(4)
+    with pytest.raises(ValueError, match="extra term"):
+        chunked_linear_cross_entropy(h, w, y, wts, extra=[(torch.randn(4, 2), torch.randn(6, 2))])
+    with pytest.raises(ValueError, match="bias must be"):
+        chunked_linear_cross_entropy(h, w, y, wts, bias=torch.randn(4))
+
+
+def test_default_chunk_rows_bounds_the_chunk_logits():
+    assert default_chunk_rows(32_000) == 131  # 4M logits (16 MB) per chunk for Moshi's vocabulary
+    assert default_chunk_rows(151_936) == 128  # never under 128 rows
+    assert default_chunk_rows(1_000) == 4194
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_trainer_loss_from_forward_train_equals_the_loss_on_full_logits(lora):
+    from moshi.models.lm import LMModel
+    from moshi.modules.lora import replace_all_linear_with_lora
+    from tests.helpers.configs import small_lm_kwargs
+    from tests.helpers.models import fixture_codes
+
+    torch.manual_seed(0)
+    model = LMModel(**small_lm_kwargs())
+    if lora:
+        replace_all_linear_with_lora(model, rank=4, scaling=2.0)
+    codes = fixture_codes(batch=2, steps=7)
+    codes[0, 0, 3] = -1
+    codes[1, 0, 1] = 3  # a PAD target, weighted by text_padding_weight
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    out = model(codes)
+    ref = moshi_loss_terms(out.text_logits, out.text_mask, out.logits, out.mask, codes, 2.0, 0.3)
+    ref_grads = torch.autograd.grad(ref.total(), params)
+    fused = train_output_loss_terms(model.forward_train(codes), codes, 2.0, 0.3, chunk_rows=5)
+    grads = torch.autograd.grad(fused.total(), params)
+    for a, b in zip(fused.as_tuple(), ref.as_tuple()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (name, _), got, want in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    only_text = train_output_loss_terms(model.forward_train(codes), codes, 2.0, 0.3, with_audio=False)
+    assert float(only_text.audio_sum) == 0.0 and float(only_text.audio_weight) == 0.0
+    torch.testing.assert_close(only_text.text_sum, ref.text_sum, rtol=1e-5, atol=1e-6)

@@ -286,3 +286,47 @@ def test_extra_heads_and_biases():
         transformer_out, _ = model.forward_text(delayed[:, :, :-1])
         ref = model.forward_depformer_training(delayed[:, :, 1:], transformer_out)
     torch.testing.assert_close(out.logits[:, 0], ref[:, 0])
+
+
+# -- forward_train: the text head left to the loss -----------------------------------------------------------
+
+
+def _codes_with_zero_tokens() -> torch.Tensor:
+    codes = fixture_codes(batch=2, steps=7)
+    codes[0, 0, 2] = -1  # a zero text token: masked
+    codes[1, 1, 4] = -1
+    return codes
+
+
+@pytest.mark.parametrize(
+    "overrides,lora",
+    [({}, False), ({"bias_proj": True}, False), ({"delays": [2, 0, 1, 0, 1]}, False), ({}, True)],
+    ids=["plain", "bias", "text-delay", "lora"],
+)
+def test_forward_train_gives_forward_outputs_with_the_text_head_unapplied(overrides, lora):
+    from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
+
+    torch.manual_seed(0)
+    model = LMModel(**small_lm_kwargs(**overrides)).eval()
+    if lora:
+        replace_all_linear_with_lora(model, rank=4, scaling=2.0)
+        assert isinstance(model.text_linear, LoRALinear)
+    if "bias_proj" in overrides:
+        with torch.no_grad():
+            model.text_linear.bias.normal_()
+    codes = _codes_with_zero_tokens()
+    with torch.no_grad():
+        out = model(codes)
+        train = model.forward_train(codes)
+    assert train.text_hidden.shape == (2, 1, 7, 64)
+    assert (train.text_head_bias is not None) == ("bias_proj" in overrides)
+    assert len(train.text_extra) == int(lora)
+    if lora:
+        low, weight = train.text_extra[0]
+        assert low.shape == (2, 1, 7, 4) and weight is model.text_linear.lora_B.weight
+    torch.testing.assert_close(train.full_text_logits(), out.text_logits, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert torch.equal(train.text_mask, out.text_mask)
+    assert torch.equal(train.mask, out.mask)
+    torch.testing.assert_close(train.logits, out.logits, equal_nan=True, rtol=0, atol=0)
+    if overrides.get("delays", [0])[0] == 2:  # the last two frames have no text prediction
+        assert not train.text_mask[:, :, -2:].any() and torch.isnan(train.text_hidden[:, :, -2:]).all()

@@ -97,6 +97,23 @@ def test_rope_concat_pairs_halves():
     torch.testing.assert_close(rq[0, 0].double(), expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_time_major_rotation_equals_the_head_major_one_and_keeps_gradients_exact(interleave):
+    from moshi.modules.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(10_000.0, interleave=interleave)
+    x = torch.randn(2, 5, 2, 3, 8, requires_grad=True)  # [B, T, q|k, H, D]
+    offset = torch.tensor([4, 9])
+    out = rope.rotate(x, offset)
+    rq, rk = rope(x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2), offset)
+    assert torch.equal(out[:, :, 0], rq.transpose(1, 2)) and torch.equal(out[:, :, 1], rk.transpose(1, 2))
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, g)
+    # A rotation is orthogonal: the gradient is the output gradient rotated back by the same angles.
+    expected = rope.rotate(g.flip(1), -offset - 4).flip(1)  # step t at angle -(offset + t)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_rope_in_bf16_rotates_in_float32():
     q = torch.randn(1, 1, 2, 8)
     offset = torch.tensor([100_000])
@@ -290,3 +307,19 @@ def test_mimi_transformer_parameter_count():
         positional_embedding="rope", dim_feedforward=2048,
     )
     assert sum(p.numel() for p in model.parameters()) == 25_190_400
+
+
+def test_kv_repeat_with_rope_equals_repeated_kv_heads():
+    from moshi.modules.rope import RotaryEmbedding
+
+    torch.manual_seed(3)
+    rope = RotaryEmbedding(10_000.0)
+    gqa = StreamingMultiheadAttention(8, 4, causal=True, kv_repeat=2, rope=rope)
+    full = StreamingMultiheadAttention(8, 4, causal=True, rope=rope)
+    w = gqa.in_projs[0].weight.detach()
+    q, k, v = w[:8], w[8:12], w[12:16]
+    with torch.no_grad():
+        full.in_projs[0].weight.copy_(torch.cat([q, k[[0, 1, 0, 1, 2, 3, 2, 3]], v[[0, 1, 0, 1, 2, 3, 2, 3]]]))
+        full.out_projs[0].weight.copy_(gqa.out_projs[0].weight)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(gqa(x), full(x))
