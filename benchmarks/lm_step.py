@@ -89,8 +89,17 @@ LOSSES = {"trainer": _trainer_loss, "logits": _logits_loss}
 
 
 def run_one(
-    name: str, device: str, dtype: torch.dtype, batch: int, frames: int, warmup: int, iters: int, loss: str
+    name: str,
+    device: str,
+    dtype: torch.dtype,
+    batch: int,
+    frames: int,
+    warmup: int,
+    iters: int,
+    loss: str,
+    model: LMModel | None = None,
 ) -> dict:
+    """Times ``iters`` training steps of config ``name`` (or of ``model``, already built) after ``warmup``."""
     dev = torch.device(device)
     if name == "7b":
         from moshi.models.loaders import default_lm_kwargs
@@ -98,8 +107,10 @@ def run_one(
         kwargs = default_lm_kwargs()
     else:
         kwargs = dict(CONFIGS[name])
-    torch.manual_seed(0)
-    model = LMModel(**kwargs, device=dev, dtype=dtype).train()
+    if model is None:
+        torch.manual_seed(0)
+        model = LMModel(**kwargs, device=dev, dtype=dtype)
+    model.train()
     n_params = sum(p.numel() for p in model.parameters())
     codes = random_codes(model, batch, frames, dev)
 

@@ -107,3 +107,25 @@ def test_streaming_decode_matches_one_shot(mimi, codes, decoded):
     with torch.inference_mode(), mimi.streaming(1):
         streamed = torch.cat([mimi.decode(codes[..., t : t + 1]) for t in range(codes.shape[-1])], dim=-1)
     torch.testing.assert_close(streamed, decoded, rtol=0, atol=1e-5)
+
+
+def test_time_blocks_give_the_codes_and_audio_of_whole_input_layers(mimi):
+    """13 frames are longer than one time block: the blocked SEANet must not change a bit of the latent."""
+    x = 0.3 * torch.randn(1, 1, 13 * FRAME, generator=torch.Generator().manual_seed(3))
+    sides = (mimi.encoder, mimi.decoder)
+    with torch.inference_mode():
+        latent = mimi.encode_to_latent(x, quantize=False)
+        codes = mimi.encode(x)
+        audio = mimi.decode(codes)
+        try:
+            for side in sides:
+                side.block_samples = 0
+            whole_latent = mimi.encode_to_latent(x, quantize=False)
+            whole_codes = mimi.encode(x)
+            whole_audio = mimi.decode(codes)
+        finally:
+            for side in sides:
+                side.block_samples = 15360
+    assert torch.equal(latent, whole_latent)
+    assert torch.equal(codes, whole_codes)
+    torch.testing.assert_close(audio, whole_audio, rtol=0, atol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from moshi.modules.conv import StreamingConv1d, StreamingConvTranspose1d
+from moshi.modules.conv import StreamingConv1d, StreamingConvTranspose1d, with_context
 from moshi.modules.resample import ConvDownsample1d, ConvTrUpsample1d
 
 CONV_CASES = [
@@ -119,3 +119,105 @@ def test_resample_keys_shapes_and_round_trip_lengths():
     padded = torch.cat([x[..., :1], x[..., :1], x], dim=-1)
     torch.testing.assert_close(down(x), F.conv1d(padded, down.conv.conv.conv.weight, stride=2), rtol=0, atol=0)
     assert up(down(x)).shape == (2, 6, 10)
+
+
+# ---- fast paths: polyphase transposed conv, cached weights, activation written into the padded input ----------
+
+
+@pytest.mark.parametrize(
+    "kernel_size, stride, groups, bias",
+    [
+        pytest.param(5, 2, 1, True, id="k5-s2-kernel-not-multiple"),
+        pytest.param(7, 3, 1, False, id="k7-s3-no-bias"),
+        pytest.param(12, 6, 2, True, id="k12-s6-groups2"),
+        pytest.param(2, 1, 1, True, id="k2-s1"),
+    ],
+)
+def test_conv_transpose_matches_conv_transpose1d_and_streams(kernel_size, stride, groups, bias):
+    convtr = StreamingConvTranspose1d(4, 6, kernel_size, stride=stride, groups=groups, bias=bias)
+    x = torch.randn(2, 4, 9)
+    layer = convtr.convtr.convtr
+    full = F.conv_transpose1d(x, layer.weight, layer.bias, stride=stride, groups=groups)
+    with torch.no_grad():
+        y = convtr(x)
+        with convtr.streaming(2):
+            streamed = torch.cat([convtr(c) for c in _chunks(x, [1, 5, 3])], dim=-1)
+    torch.testing.assert_close(y, full[..., : 9 * stride], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(streamed, y, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_transpose_gradients_match_conv_transpose1d():
+    convtr = StreamingConvTranspose1d(3, 5, 8, stride=4)
+    layer = convtr.convtr.convtr
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    target = torch.randn(2, 5, 24)
+    (convtr(x) * target).sum().backward()
+    ours = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+    for t in (x, layer.weight, layer.bias):
+        t.grad = None
+    reference = F.conv_transpose1d(x, layer.weight, layer.bias, stride=4)[..., :24]
+    (reference * target).sum().backward()
+    for got, expected in zip(ours, (x.grad, layer.weight.grad, layer.bias.grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_transpose_cached_weight_follows_parameter_updates():
+    convtr = StreamingConvTranspose1d(3, 4, 6, stride=3)
+    layer = convtr.convtr.convtr
+    x = torch.randn(1, 3, 5)
+
+    def reference() -> torch.Tensor:
+        return F.conv_transpose1d(x, layer.weight, layer.bias, stride=3)[..., :15]
+
+    with torch.inference_mode():
+        first = convtr(x)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+        torch.testing.assert_close(convtr(x), reference(), rtol=1e-5, atol=1e-6)
+        convtr.load_state_dict({k: torch.randn_like(v) for k, v in convtr.state_dict().items()})
+        torch.testing.assert_close(convtr(x), reference(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(first, convtr(x).detach())
+    # A cache built in inference mode is not saved for backward when only the input needs a gradient.
+    layer.requires_grad_(False)
+    x.requires_grad_(True)
+    convtr(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("length", [64, 128, 100])
+@pytest.mark.parametrize("grad", [False, True])
+def test_with_context_equals_concatenated_activation_bit_for_bit(length, grad):
+    context = torch.randn(2, 5, 4)
+    x = torch.randn(2, 5, length)
+    elu = torch.nn.ELU(alpha=0.7)
+    with torch.set_grad_enabled(grad):
+        got = with_context(context, x, elu)
+        expected = torch.cat([context, elu(x)], dim=-1)
+    assert torch.equal(got, expected)
+    assert torch.equal(with_context(context, x), torch.cat([context, x], dim=-1))
+
+
+@pytest.mark.parametrize("kernel_size, stride, dilation, pad_mode", CONV_CASES)
+@pytest.mark.parametrize("steps", [64, 70])
+def test_conv_with_activation_equals_left_padded_conv1d_of_activation(kernel_size, stride, dilation, pad_mode, steps):
+    conv = StreamingConv1d(3, 5, kernel_size, stride=stride, dilation=dilation, pad_mode=pad_mode)
+    elu = torch.nn.ELU()
+    x = torch.randn(2, 3, stride * steps)
+    pad = (kernel_size - 1) * dilation + 1 - stride
+    layer = conv.conv.conv
+    with torch.inference_mode():
+        activated = elu(x)
+        padded = F.pad(activated, (pad, 0), mode=pad_mode) if pad else activated
+        expected = F.conv1d(padded, layer.weight, layer.bias, stride=stride, dilation=dilation)
+        assert torch.equal(conv(x, activation=elu), expected)
+        with conv.streaming(2):
+            streamed = torch.cat([conv(c, activation=elu) for c in x.split(stride * 32, dim=-1)], dim=-1)
+        torch.testing.assert_close(streamed, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_transpose_with_activation_equals_conv_transpose_of_activation():
+    convtr = StreamingConvTranspose1d(4, 3, 8, stride=4)
+    elu = torch.nn.ELU()
+    x = torch.randn(2, 4, 128)
+    with torch.inference_mode():
+        assert torch.equal(convtr(x, activation=elu), convtr(elu(x)))

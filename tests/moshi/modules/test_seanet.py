@@ -1,0 +1,122 @@
+"""SEANet fast paths: time blocks and fused activations give the result of plain whole-input layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moshi.modules.seanet import SEANetDecoder, SEANetEncoder, block_length
+from moshi.modules.streaming import StreamingContainer
+
+# Mimi's ratios (hop 960) with small widths.
+SMALL = {"n_filters": 4, "dimension": 16, "n_residual_layers": 1, "ratios": [8, 6, 5, 4], "last_kernel_size": 3}
+
+
+def _plain(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The definition: every layer of ``module.model`` in turn, on the whole input."""
+    for layer in module.model:
+        x = layer(x)
+    return x
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SEANetEncoder:
+    torch.manual_seed(0)
+    return SEANetEncoder(**SMALL)
+
+
+@pytest.fixture(scope="module")
+def decoder() -> SEANetDecoder:
+    torch.manual_seed(1)
+    return SEANetDecoder(**SMALL)
+
+
+def test_block_length_scales_with_batch_and_whole_strides():
+    assert block_length(15360, 1, 20) == 768
+    assert block_length(15360, 8, 20) == 192  # a quarter of the budget at most batch sizes
+    assert block_length(15360, 2, 20) == 384
+    assert block_length(0, 1, 20) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("block_samples", [1920, 4000])
+def test_blocked_encoder_equals_plain_layers(encoder, batch, block_samples):
+    x = torch.randn(batch, 1, 960 * 21)  # several blocks and a partial last one
+    encoder.block_samples = block_samples
+    try:
+        with torch.inference_mode():
+            got = encoder(x)
+            expected = _plain(encoder, x)
+    finally:
+        encoder.block_samples = 15360
+    assert got.shape == (batch, 16, 21)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("block_samples", [1920, 4000])
+def test_blocked_decoder_equals_plain_layers(decoder, batch, block_samples):
+    z = torch.randn(batch, 16, 21)
+    decoder.block_samples = block_samples
+    try:
+        with torch.inference_mode():
+            got = decoder(z)
+            expected = _plain(decoder, z)
+    finally:
+        decoder.block_samples = 15360
+    assert got.shape == (batch, 1, 960 * 21)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def _streamed(module: torch.nn.Module, x: torch.Tensor, sizes: list[int], block_samples: int) -> torch.Tensor:
+    holder = StreamingContainer()
+    holder.module = module
+    module.block_samples = block_samples
+    try:
+        with torch.inference_mode(), holder.streaming(x.shape[0]):
+            return torch.cat([module(chunk) for chunk in x.split(sizes, dim=-1)], dim=-1)
+    finally:
+        module.block_samples = 15360
+
+
+def test_long_streaming_calls_run_in_blocks_and_equal_plain_streaming(encoder, decoder):
+    x = torch.randn(2, 1, 960 * 40)
+    sizes = [960 * 2, 960 * 30, 960 * 8]  # the long middle call is split into blocks
+    expected = _streamed(encoder, x, sizes, block_samples=0)
+    torch.testing.assert_close(_streamed(encoder, x, sizes, block_samples=3840), expected, rtol=0, atol=1e-6)
+    z = torch.randn(2, 16, 40)
+    expected = _streamed(decoder, z, [2, 30, 8], block_samples=0)
+    torch.testing.assert_close(_streamed(decoder, z, [2, 30, 8], block_samples=3840), expected, rtol=0, atol=1e-6)
+
+
+def test_paused_streams_are_not_blocked(encoder):
+    holder = StreamingContainer()
+    holder.module = encoder
+    x = torch.randn(2, 1, 960 * 20)
+    encoder.block_samples = 3840
+    try:
+        with torch.inference_mode(), holder.streaming(2):
+            holder.set_exec_mask(torch.tensor([True, False]))
+            got = encoder(x)
+        encoder.block_samples = 0
+        with torch.inference_mode(), holder.streaming(2):
+            holder.set_exec_mask(torch.tensor([True, False]))
+            expected = encoder(x)
+    finally:
+        encoder.block_samples = 15360
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_autograd_runs_plain_layers_with_gradients(encoder, decoder):
+    x = torch.randn(1, 1, 960 * 21, requires_grad=True)
+    z = encoder(x)
+    y = decoder(z)
+    with torch.inference_mode():
+        expected = decoder(encoder(x))
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+    y.square().sum().backward()
+    grads = [p.grad for p in [*encoder.parameters(), *decoder.parameters()]]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    encoder.zero_grad(set_to_none=True)
+    decoder.zero_grad(set_to_none=True)
