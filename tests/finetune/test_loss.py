@@ -177,9 +177,9 @@ def test_chunked_linear_ce_rejects_mismatched_terms():
 
 
 def test_default_chunk_rows_bounds_the_chunk_logits():
-    assert default_chunk_rows(32_000) == 131  # 4M logits (16 MB) per chunk for Moshi's vocabulary
-    assert default_chunk_rows(151_936) == 128  # never under 128 rows
-    assert default_chunk_rows(1_000) == 4194
+    assert default_chunk_rows(32_000) == 262  # 8M logits (32 MB) per chunk for Moshi's vocabulary
+    assert default_chunk_rows(151_936) == 256  # never under 256 rows
+    assert default_chunk_rows(1_000) == 8388
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

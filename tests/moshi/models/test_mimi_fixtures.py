@@ -113,19 +113,20 @@ def test_time_blocks_give_the_codes_and_audio_of_whole_input_layers(mimi):
     """13 frames are longer than one time block: the blocked SEANet must not change a bit of the latent."""
     x = 0.3 * torch.randn(1, 1, 13 * FRAME, generator=torch.Generator().manual_seed(3))
     sides = (mimi.encoder, mimi.decoder)
-    with torch.inference_mode():
-        latent = mimi.encode_to_latent(x, quantize=False)
-        codes = mimi.encode(x)
-        audio = mimi.decode(codes)
-        try:
-            for side in sides:
-                side.block_samples = 0
-            whole_latent = mimi.encode_to_latent(x, quantize=False)
-            whole_codes = mimi.encode(x)
-            whole_audio = mimi.decode(codes)
-        finally:
-            for side in sides:
-                side.block_samples = 15360
+
+    def run(block_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        for side in sides:
+            side.block_samples = block_samples
+        with torch.inference_mode():
+            codes = mimi.encode(x)
+            return mimi.encode_to_latent(x, quantize=False), codes, mimi.decode(codes)
+
+    try:
+        latent, codes, audio = run(15360)
+        whole_latent, whole_codes, whole_audio = run(0)
+    finally:
+        for side in sides:
+            side.block_samples = 15360
     assert torch.equal(latent, whole_latent)
     assert torch.equal(codes, whole_codes)
     torch.testing.assert_close(audio, whole_audio, rtol=0, atol=1e-6)

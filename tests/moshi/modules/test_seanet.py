@@ -38,33 +38,23 @@ def test_block_length_scales_with_batch_and_whole_strides():
     assert block_length(0, 1, 20) == 0
 
 
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("block_samples", [1920, 4000])
-def test_blocked_encoder_equals_plain_layers(encoder, batch, block_samples):
-    x = torch.randn(batch, 1, 960 * 21)  # several blocks and a partial last one
-    encoder.block_samples = block_samples
+def test_blocked_seanet_equals_plain_layers(request, side, batch, block_samples):
+    module = request.getfixturevalue(side)
+    # Several blocks and a partial last one: 21 latent frames, 960 samples each.
+    x, out_shape = (torch.randn(batch, 1, 960 * 21), (batch, 16, 21))
+    if side == "decoder":
+        x, out_shape = torch.randn(batch, 16, 21), (batch, 1, 960 * 21)
+    module.block_samples = block_samples
     try:
         with torch.inference_mode():
-            got = encoder(x)
-            expected = _plain(encoder, x)
+            got = module(x)
+            expected = _plain(module, x)
     finally:
-        encoder.block_samples = 15360
-    assert got.shape == (batch, 16, 21)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("block_samples", [1920, 4000])
-def test_blocked_decoder_equals_plain_layers(decoder, batch, block_samples):
-    z = torch.randn(batch, 16, 21)
-    decoder.block_samples = block_samples
-    try:
-        with torch.inference_mode():
-            got = decoder(z)
-            expected = _plain(decoder, z)
-    finally:
-        decoder.block_samples = 15360
-    assert got.shape == (batch, 1, 960 * 21)
+        module.block_samples = 15360
+    assert got.shape == out_shape
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
