@@ -148,10 +148,33 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
 
-def _batched_matmul(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """``y[:, t] = x[:, t] @ weights[t]ᵀ`` for ``x [B, T, in]`` as one batched matmul over ``t``."""
-    w = torch.stack(weights)  # [T, out, in]
-    return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
+class _PerStepMatmul(torch.autograd.Function):
+    """``y[:, t] = x[:, t] @ weights[t]ᵀ`` with one matmul per step written in place into ``y``.
+
+    Same numbers as a batched matmul on stacked weights, without its copies: the stack of the weights in
+    forward and, in backward, a weight gradient per step that is a strided view of the stacked gradient (which
+    autograd then copies into each parameter's ``.grad``). Here every step's weight gradient is its own
+    contiguous matmul output, and no stacked copy of the weights is kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.new_empty(x.shape[0], x.shape[1], weights[0].shape[0])
+        for t, w in enumerate(weights):
+            torch.mm(x[:, t], w.t(), out=out[:, t])
+        ctx.save_for_backward(x, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, *weights = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_empty(x.shape)
+            for t, w in enumerate(weights):
+                torch.mm(grad[:, t], w, out=grad_x[:, t])
+        grad_w = [grad[:, t].t().mm(x[:, t]) if ctx.needs_input_grad[1 + t] else None for t in range(len(weights))]
+        return (grad_x, *grad_w)
 
 
 def apply_per_step_linear(
@@ -159,9 +182,9 @@ def apply_per_step_linear(
 ) -> torch.Tensor:
     """Applies ``modules[set(t)]`` to ``x[:, t]`` for every step ``t`` of ``x [B, T, in]``.
 
-    With one module this is a plain call. With several (per-step weights), the steps are computed as one batched
-    matmul on the stacked weights when the modules are bias-free Linears or LoRALinears over them (the parameter
-    names stay ``{name}.{s}.weight``), falling back to a loop over steps otherwise.
+    With one module this is a plain call. With several (per-step weights), bias-free Linears, and LoRALinears over
+    them, run one matmul per step into a shared output (:class:`_PerStepMatmul`; the parameter names stay
+    ``{name}.{s}.weight``); other modules fall back to a loop over steps.
     """
     if len(modules) == 1:
         return modules[0](x)
@@ -171,11 +194,11 @@ def apply_per_step_linear(
         return modules[idx[0]](x)
     chosen = [modules[i] for i in idx]
     if all(_is_plain_linear(m) for m in chosen):
-        return _batched_matmul(x, [m.weight for m in chosen])
+        return _PerStepMatmul.apply(x, *[m.weight for m in chosen])
     if all(isinstance(m, LoRALinear) and _is_plain_linear(m.frozen_W) for m in chosen):
-        base = _batched_matmul(x, [m.frozen_W.weight for m in chosen])
-        low = _batched_matmul(x, [m.lora_A.weight for m in chosen])
-        update = _batched_matmul(low, [m.lora_B.weight for m in chosen])
+        base = _PerStepMatmul.apply(x, *[m.frozen_W.weight for m in chosen])
+        low = _PerStepMatmul.apply(x, *[m.lora_A.weight for m in chosen])
+        update = _PerStepMatmul.apply(low, *[m.lora_B.weight for m in chosen])
         scaling = torch.tensor([m.scaling for m in chosen], device=x.device, dtype=update.dtype)
         return base + scaling.view(1, T, 1) * update
     return torch.cat([m(x[:, t : t + 1]) for t, m in enumerate(chosen)], dim=1)

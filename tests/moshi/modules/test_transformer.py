@@ -214,6 +214,29 @@ def test_per_step_linear_batched_equals_loop_with_schedule():
     torch.testing.assert_close(apply_per_step_linear(mods, x[:, 2:3], 2, schedule), expected[:, 2:3])
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["linear", "lora"])
+def test_per_step_linear_gradients_equal_the_loop_and_accumulate_over_shared_sets(lora):
+    from moshi.modules.lora import replace_all_linear_with_lora
+
+    torch.manual_seed(0)
+    mods = nn.ModuleList([nn.Linear(4, 6, bias=False) for _ in range(2)])
+    if lora:
+        replace_all_linear_with_lora(mods, rank=2, scaling=1.5)
+    schedule = [0, 1, 1, 0]
+    x = torch.randn(4, 3, 4).transpose(0, 1).requires_grad_(True)  # [3, 4, 4], not contiguous
+    g = torch.randn(3, 4, 6)
+    params = [p for p in mods.parameters() if p.requires_grad]
+    out = apply_per_step_linear(list(mods), x, 0, schedule)
+    grads = torch.autograd.grad(out, [x, *params], g)
+    expected = torch.stack([mods[schedule[t]](x[:, t]) for t in range(4)], 1)
+    expected_grads = torch.autograd.grad(expected, [x, *params], g)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        assert apply_per_step_linear(list(mods), x, 0, schedule).shape == (3, 4, 6)
+
+
 # -- whole transformers ------------------------------------------------------------------------------------------
 
 
