@@ -73,6 +73,8 @@ class ActivationGating(nn.Module):
 
     def gate(self, u: torch.Tensor) -> torch.Tensor:
         """``act(first half) * second half`` of a ``linear_in`` output ``[..., 2*hidden]``."""
+        if self.activation is F.silu:
+            return _SiluGate.apply(u)
         # unbind (not two slices): its backward stacks the two gradients into one fresh buffer, where each
         # slice's backward would zero-fill a full-size buffer and copy into it.
         a, b = u.view(*u.shape[:-1], 2, self.hidden).unbind(-2)
@@ -80,6 +82,31 @@ class ActivationGating(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_out(self.gate(self.linear_in(x)))
+
+
+class _SiluGate(torch.autograd.Function):
+    """``silu(a) * b`` for ``[a | b] = u``, with both halves' gradients written into one buffer.
+
+    Autograd's chain (silu, mul, then the backward of splitting ``u``) gives the same bits but allocates each
+    half's gradient and then copies both into a third buffer; this writes them in place and keeps ``silu(a)``
+    from the forward instead of recomputing it.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        a, b = u.view(*u.shape[:-1], 2, u.shape[-1] // 2).unbind(-2)
+        s = F.silu(a)
+        ctx.save_for_backward(a, b, s)
+        return s * b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        a, b, s = ctx.saved_tensors
+        grad_u = grad.new_empty(*grad.shape[:-1], 2, a.shape[-1])
+        grad_a, grad_b = grad_u.unbind(-2)
+        torch.mul(grad, s, out=grad_b)
+        torch.ops.aten.silu_backward.grad_input(grad * b, a, grad_input=grad_a)
+        return grad_u.view(*grad.shape[:-1], 2 * a.shape[-1])
 
 
 def make_gating(

@@ -137,6 +137,19 @@ def test_gating_activates_the_first_half():
         get_activation("swish")
 
 
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+def test_gate_gradients_equal_autograd_of_the_definition_bit_for_bit(name):
+    gate = ActivationGating(8, 24, get_activation(name))
+    u = torch.randn(5, 3, 2 * gate.hidden, requires_grad=True)
+    g = torch.randn(5, 3, gate.hidden)
+    out = gate.gate(u)
+    (grad,) = torch.autograd.grad(out, u, g)
+    a, b = u[..., : gate.hidden], u[..., gate.hidden :]
+    expected = get_activation(name)(a) * b
+    (expected_grad,) = torch.autograd.grad(expected, u, g)
+    assert torch.equal(out, expected) and torch.equal(grad, expected_grad)
+
+
 def test_sin_embedding_is_cos_then_sin():
     pos = torch.tensor([3.0]).view(1, 1, 1)
     emb = create_sin_embedding(pos, 8, max_period=100.0)
