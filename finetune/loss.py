@@ -129,7 +129,8 @@ def audio_loss_weights(mask: torch.Tensor, first_codebook_weight_multiplier: flo
     """Per-position audio weights ``[B, K, T]`` (float32): mask × (β on codebook 0, else 1)."""
     k = mask.shape[1]
     per_codebook = torch.ones(k, dtype=torch.float32, device=mask.device)
-    per_codebook[0] = float(first_codebook_weight_multiplier)
+    if k:  # a model without depformer (dep_q = 0) has no audio terms
+        per_codebook[0] = float(first_codebook_weight_multiplier)
     return mask.float() * per_codebook[None, :, None]
 
 

@@ -210,3 +210,20 @@ def test_trainer_loss_from_forward_train_equals_the_loss_on_full_logits(lora):
     only_text = train_output_loss_terms(model.forward_train(codes), codes, 2.0, 0.3, with_audio=False)
     assert float(only_text.audio_sum) == 0.0 and float(only_text.audio_weight) == 0.0
     torch.testing.assert_close(only_text.text_sum, ref.text_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_loss_of_a_model_without_depformer_has_no_audio_terms():
+    from moshi.models.lm import LMModel
+    from tests.helpers.configs import small_lm_kwargs
+    from tests.helpers.models import fixture_codes
+
+    torch.manual_seed(0)
+    model = LMModel(**small_lm_kwargs(dep_q=0))
+    codes = fixture_codes(batch=2, steps=5)
+    out = model(codes)
+    terms = train_output_loss_terms(model.forward_train(codes), codes, 2.0, 0.5)
+    ref = moshi_loss_terms(out.text_logits, out.text_mask, out.logits, out.mask, codes, 2.0, 0.5)
+    assert float(terms.audio_weight) == 0.0 and float(terms.audio_sum) == 0.0
+    torch.testing.assert_close(terms.text_sum, ref.text_sum, rtol=1e-5, atol=1e-6)
+    terms.total().backward()
+    assert model.text_linear.weight.grad is not None
