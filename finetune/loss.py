@@ -17,6 +17,7 @@ large-vocabulary head (DSAA's ~150k text head) never materialises float32 logits
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -225,17 +226,38 @@ def loss_weight_sums_from_codes(
     return wt.sum(), wa.sum()
 
 
-# Rows per chunk of the fused text CE: up to 8M float32 logits (32 MB) per chunk, and never under 256 rows so
-# the chunk matmuls stay efficient. For Moshi's 32k vocabulary (262-row chunks) a CPU step of the mid benchmark
-# config took the same time with 131-row chunks or one 500-row chunk, and page-faulted less than with one
-# chunk; for DSAA's 152k vocabulary 256-row chunks (0.15 GB) were no slower than 1024-row ones and peaked lower.
-CHUNK_LOGITS = 8 * 2**20
+# Rows per chunk of the fused text CE: up to 16M float32 logits (64 MB) per chunk, and never under 256 rows so
+# the chunk matmuls stay efficient. For Moshi's 32k vocabulary the mid benchmark's 500 rows are then one chunk:
+# its logits matmul ran at 280 GFLOP/s on 2 CPU cores against 257 for two 262-row chunks, 8 ms less per step
+# (the 64 MB is the size of the logits upstream's loss materialises for those rows, before their gradient). For
+# DSAA's 152k vocabulary, 256-row chunks (0.15 GB) were no slower than 1024-row ones and peaked lower.
+CHUNK_LOGITS = 16 * 2**20
 MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_rows(vocab: int) -> int:
     """Rows per chunk of :func:`chunked_linear_cross_entropy` for a head of ``vocab`` outputs."""
     return max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))
+
+
+_cpu_workspace = threading.local()
+
+
+def _logits_workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``[rows, vocab]`` buffer for one chunk's logits, reused across chunks and calls on CPU.
+
+    glibc hands blocks this large back to the kernel on free, so a fresh one page-faults every step (about
+    10 ms for 64 MB on the benchmark machine); CUDA's caching allocator already reuses its blocks. One buffer
+    per thread: the function never keeps it past its own call.
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, vocab, dtype=dtype, device=device)
+    buf = getattr(_cpu_workspace, "logits", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < rows * vocab:
+        _cpu_workspace.logits = None  # free the old buffer before allocating its replacement
+        buf = torch.empty(rows * vocab, dtype=dtype)
+        _cpu_workspace.logits = buf
+    return buf[: rows * vocab].view(rows, vocab)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -266,12 +288,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=device) if need_b else None
         any_grad = any(need_h) or any(need_w) or need_b
         w_all = weights.float()
+        workspace = _logits_workspace(min(n, chunk_size), heads[0].shape[0], hiddens[0].dtype, device)
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
             rows = [h[start:stop] for h in hiddens]
             w = w_all[start:stop]
             y = targets[start:stop].clamp_min(0)
-            z = rows[0] @ heads[0].t()  # [c, V], same rounding as F.linear(h, W)
+            z = torch.mm(rows[0], heads[0].t(), out=workspace[: stop - start])  # [c, V], rounded as F.linear(h, W)
             for h, head in zip(rows[1:], heads[1:]):
                 z.addmm_(h, head.t())
             if bias is not None:

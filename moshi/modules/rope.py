@@ -26,12 +26,23 @@ def rope_angles(
     return ts.unsqueeze(-1) * freqs
 
 
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` float32 as ``[..., D/2]`` complex: a view when (re, im) pairs are adjacent and complex-aligned,
+    else a copy's."""
+    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.clone(memory_format=torch.contiguous_format)
+    return torch.view_as_complex(pairs)
+
+
 def rotate_time_major(x: torch.Tensor, theta: torch.Tensor, interleave: bool = True) -> torch.Tensor:
     """Rotates ``x [B, T, ..., D]`` by the angles ``theta [B|1, T, D/2]`` (float32), in float32.
 
-    Each pair ``(r, m)`` becomes ``(r·cos - m·sin, r·sin + m·cos)``, computed as ``x·C + swap(x)·S`` with
-    ``C = (cos, cos)`` and ``S = (-sin, sin)``: the same products and sums (so the same bits) in four kernels
-    forward and four backward, with no per-half slices whose backward would zero-fill full-size buffers.
+    Each pair ``(r, m)`` becomes ``(r·cos - m·sin, r·sin + m·cos)``. Interleaved pairs are complex numbers in
+    memory, so the rotation is one complex multiplication by ``cos + i·sin`` (one kernel forward and one
+    backward, the same products and differences, hence the same bits, as the real formula). Half-split pairs
+    (``rope_concat``) use ``x·C + swap(x)·S`` with ``C = (cos, cos)`` and ``S = (-sin, sin)``: four kernels, and
+    no per-half slices whose backward would zero-fill full-size buffers.
     """
     D = x.shape[-1]
     if D % 2:
@@ -40,13 +51,52 @@ def rotate_time_major(x: torch.Tensor, theta: torch.Tensor, interleave: bool = T
     extra = x.dim() - 3  # axes between T and D (heads, or q/k and heads)
     theta = theta.view(theta.shape[0], theta.shape[1], *([1] * extra), half)
     cos, sin = torch.cos(theta), torch.sin(theta)
-    pair_axis = -1 if interleave else -2
-    c = torch.stack([cos, cos], dim=pair_axis)
-    s = torch.stack([-sin, sin], dim=pair_axis)
-    shape = (*x.shape[:-1], half, 2) if interleave else (*x.shape[:-1], 2, half)
-    xf = x.float().view(shape)
-    out = xf * c + xf.flip(pair_axis) * s
+    xf = x.float()
+    if interleave:
+        out = torch.view_as_real(_complex_pairs(xf) * torch.complex(cos, sin))
+        return out.view(x.shape).to(x.dtype)
+    c = torch.stack([cos, cos], dim=-2)
+    s = torch.stack([-sin, sin], dim=-2)
+    xf = xf.view(*x.shape[:-1], 2, half)
+    out = xf * c + xf.flip(-2) * s
     return out.view(x.shape).to(x.dtype)
+
+
+class _RotatedQKV(torch.autograd.Function):
+    """``(rot(q), rot(k), v)`` from packed projections ``[B, T, 3, H, D]`` (interleaved pairs, ``Hkv == H``).
+
+    Autograd's version (slice q|k, rotate, unbind; slice v) builds the projections' gradient with two copies:
+    a stack of the q and k gradients, then a concatenation with v's. Here the rotated-back q and k gradients are
+    written straight into one ``[B, T, 3, H, D]`` buffer and only v's gradient is copied in. ``v`` is returned
+    as a view of the input, as a slice would be.
+    """
+
+    @staticmethod
+    def forward(ctx, packed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[override]
+        rot = torch.complex(cos, sin)  # [B|1, T, 1, 1, D/2]
+        qk = torch.view_as_real(_complex_pairs(packed[:, :, :2].float()) * rot).view(packed[:, :, :2].shape)
+        q, k = qk.to(packed.dtype).unbind(2)
+        ctx.save_for_backward(cos, sin)
+        ctx.packed_shape, ctx.packed_dtype = packed.shape, packed.dtype
+        return q, k, packed[:, :, 2]
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        back = torch.complex(cos, -sin)[:, :, 0]  # the inverse rotation, [B|1, T, 1, D/2]
+        grad = torch.empty(ctx.packed_shape, dtype=ctx.packed_dtype, device=cos.device)
+        for slot, g in enumerate((grad_q, grad_k, grad_v)):
+            target = grad[:, :, slot]
+            if g is None:
+                target.zero_()
+            elif slot == 2:
+                target.copy_(g)
+            elif target.dtype == torch.float32:  # a slot of a fresh buffer: always complex-aligned
+                out = torch.view_as_complex(target.view(*target.shape[:-1], target.shape[-1] // 2, 2))
+                torch.mul(_complex_pairs(g), back, out=out)
+            else:
+                target.copy_(torch.view_as_real(_complex_pairs(g.float()) * back).view(g.shape))
+        return grad, None, None
 
 
 def apply_rope(
@@ -98,3 +148,15 @@ class RotaryEmbedding(nn.Module):
         """Rotates time-major ``x [B, T, ..., D]`` (e.g. queries and keys stacked as ``[B, T, 2, H, D]``)."""
         theta = rope_angles(x.shape[1], offset, x.shape[-1], self.max_period, x.device)
         return rotate_time_major(x, theta, self.interleave)
+
+    def rotate_packed_qkv(
+        self, packed: torch.Tensor, offset: torch.Tensor | int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rot(q), rot(k), v)``, each ``[B, T, H, D]``, from packed projections ``packed [B, T, 3, H, D]``."""
+        theta = rope_angles(packed.shape[1], offset, packed.shape[-1], self.max_period, packed.device)
+        if not self.interleave:
+            qk, v = packed.split([2, 1], dim=2)
+            q, k = rotate_time_major(qk, theta, interleave=False).unbind(2)
+            return q, k, v.squeeze(2)
+        theta = theta.view(theta.shape[0], theta.shape[1], 1, 1, -1)
+        return _RotatedQKV.apply(packed, torch.cos(theta), torch.sin(theta))

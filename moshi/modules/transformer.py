@@ -390,12 +390,12 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         rope_offset = 0 if state is None else state.offset
         # split/unbind rather than slices: their backwards concatenate or stack the gradients, where each slice's
         # backward would zero-fill a buffer the size of `projected`.
-        if Hkv == H:  # q and k have the same shape: one rotation for both
-            qk, v = projected.view(B, T, 3, H, D).split([2, 1], dim=2)
+        if Hkv == H:  # q, k and v have the same shape: one rotation for q and k, one gradient buffer
+            packed = projected.view(B, T, 3, H, D)
             if self.rope is not None:
-                qk = self.rope.rotate(qk, rope_offset)
-            q, k = qk.unbind(2)
-            v = v.squeeze(2)
+                q, k, v = self.rope.rotate_packed_qkv(packed, rope_offset)
+            else:
+                q, k, v = packed.unbind(2)
         else:
             q, k, v = projected.split([E, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)

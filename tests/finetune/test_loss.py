@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finetune.loss import (
     LossTerms,
@@ -177,9 +178,31 @@ def test_chunked_linear_ce_rejects_mismatched_terms():
 
 
 def test_default_chunk_rows_bounds_the_chunk_logits():
-    assert default_chunk_rows(32_000) == 262  # 8M logits (32 MB) per chunk for Moshi's vocabulary
+    assert default_chunk_rows(32_000) == 524  # 16M logits (64 MB) per chunk for Moshi's vocabulary
     assert default_chunk_rows(151_936) == 256  # never under 256 rows
-    assert default_chunk_rows(1_000) == 8388
+    assert default_chunk_rows(1_000) == 16777
+
+
+def test_chunked_linear_ce_reuses_its_logits_buffer_and_gives_the_same_numbers_in_every_call():
+    from finetune import loss as loss_module
+
+    torch.manual_seed(0)
+    h, w = torch.randn(10, 6, requires_grad=True), torch.randn(7, 6, requires_grad=True)
+    y, wts = torch.randint(0, 7, (10,)), torch.rand(10)
+    results = []
+    for chunk in (4, 4, 3, 10):  # a bigger chunk after smaller ones replaces the buffer
+        total, _ = chunked_linear_cross_entropy(h, w, y, wts, chunk)
+        results.append((total.detach(), *torch.autograd.grad(total, (h, w))))
+        buffer = loss_module._cpu_workspace.logits
+        assert buffer.numel() >= chunk * 7
+    ref = F.cross_entropy(h @ w.t(), y, reduction="none") @ wts
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    for total, gh, gw in results:
+        torch.testing.assert_close(total, ref.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gh, ref_grads[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, ref_grads[1], atol=1e-5, rtol=1e-5)
+    first, again = results[0], results[1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the reused buffer leaks nothing between calls
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

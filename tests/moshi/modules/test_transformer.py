@@ -87,6 +87,52 @@ def test_rope_interleaved_matches_complex_rotation():
     assert rk.shape == k.shape
 
 
+def test_interleaved_rope_gives_the_bits_of_the_real_pair_formula_on_strided_inputs():
+    from moshi.modules.rope import rope_angles, rotate_time_major
+
+    projected = torch.randn(2, 6, 3, 4, 16)  # [B, T, q|k|v, H, D]: rotate the q|k part, a strided view
+    theta = rope_angles(6, torch.tensor([0, 11]), 16, 10_000.0, projected.device)
+    qk = projected[:, :, :2]
+    out = rotate_time_major(qk, theta)
+    cos = torch.cos(theta).view(2, 6, 1, 1, 8)
+    sin = torch.sin(theta).view(2, 6, 1, 1, 8)
+    r, m = qk.reshape(2, 6, 2, 4, 8, 2).unbind(-1)
+    expected = torch.stack([r * cos - m * sin, r * sin + m * cos], -1).reshape(qk.shape)
+    assert torch.equal(out, expected)
+    odd = torch.randn(1, 6, 1, 1, 17)[..., 1:]  # odd storage offset: (re, im) pairs are not complex-aligned
+    theta0 = rope_angles(6, 0, 16, 10_000.0, odd.device)
+    assert torch.equal(rotate_time_major(odd, theta0), rotate_time_major(odd.contiguous(), theta0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("used", ["qkv", "qv"])  # "qv": k gets no gradient
+def test_rotate_packed_qkv_equals_autograd_of_slice_rotate_unbind(dtype, used):
+    from moshi.modules.rope import RotaryEmbedding, rope_angles, rotate_time_major
+
+    rope = RotaryEmbedding(10_000.0)
+    packed = torch.randn(2, 5, 3, 4, 8).to(dtype).requires_grad_()
+    offset = torch.tensor([3, 9])
+    q, k, v = rope.rotate_packed_qkv(packed, offset)
+    theta = rope_angles(5, offset, 8, 10_000.0, packed.device)
+    rq, rk = rotate_time_major(packed[:, :, :2], theta).unbind(2)
+    rv = packed[:, :, 2]
+    assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(v, rv)
+    assert q.shape == k.shape == v.shape == (2, 5, 4, 8) and q.dtype == dtype
+    gq, gk, gv = (torch.randn(2, 5, 4, 8).to(dtype) for _ in range(3))
+
+    def loss(a, b, c):
+        return (a.float() * gq.float()).sum() + (c.float() * gv.float()).sum() + (
+            (b.float() * gk.float()).sum() if used == "qkv" else 0
+        )
+
+    (grad,) = torch.autograd.grad(loss(q, k, v), packed)
+    (expected,) = torch.autograd.grad(loss(rq, rk, rv), packed)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad, expected, atol=tol, rtol=tol)
+    if used == "qv":
+        assert torch.equal(grad[:, :, 1], torch.zeros_like(grad[:, :, 1]))
+
+
 def test_rope_concat_pairs_halves():
     q = torch.randn(1, 1, 3, 4)
     rq, _ = apply_rope(q, q, 2, interleave=False)
