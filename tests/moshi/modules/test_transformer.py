@@ -56,6 +56,35 @@ def test_rms_norm_f32_puts_eps_inside_the_root_and_uses_alpha_shape_1_1_d():
     assert torch.allclose(create_norm_fn("rms_norm_f32", 8)(tiny), tiny / math.sqrt(1e-12 + 1e-8))
 
 
+@pytest.mark.parametrize("norm_type,dtype", [("rms_norm_f32", torch.float32), ("rms_norm_f32", torch.bfloat16),
+                                            ("rms_norm", torch.float32)])
+@pytest.mark.parametrize("train_alpha", [True, False])
+def test_rms_norm_closed_form_backward_equals_autograd_of_the_definition(norm_type, dtype, train_alpha):
+    torch.manual_seed(0)
+    norm = create_norm_fn(norm_type, 16, dtype=dtype)
+    with torch.no_grad():
+        norm.alpha.copy_(torch.linspace(0.5, 1.5, 16).view(1, 1, 16))
+    norm.alpha.requires_grad_(train_alpha)
+    x = (torch.randn(3, 5, 16) * 3).to(dtype).requires_grad_()
+    g = torch.randn(3, 5, 16).to(dtype)
+
+    def definition(x, alpha):
+        xc = x.float() if norm.compute_dtype is not None else x
+        var = norm.eps + torch.mean(xc * xc, dim=-1, keepdim=True)
+        return (xc * (alpha.to(xc.dtype) * torch.rsqrt(var))).to(dtype)
+
+    inputs = [x, norm.alpha] if train_alpha else [x]
+    y = norm(x)
+    assert torch.equal(y, definition(x, norm.alpha))  # the forward is the definition, bit for bit
+    grads = torch.autograd.grad(y, inputs, g)
+    expected = torch.autograd.grad(definition(x, norm.alpha), inputs, g)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    if not train_alpha:
+        assert norm.alpha.grad is None
+
+
 def test_norm_factory_types_eps_and_unknown_name():
     assert isinstance(create_norm_fn("layer_norm", 4), nn.LayerNorm) and create_norm_fn("layer_norm", 4).eps == 1e-5
     assert isinstance(create_norm_fn("layer_norm_f32", 4), LayerNormF32) and create_norm_fn("layer_norm_f32", 4).eps == 1e-8
