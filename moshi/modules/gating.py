@@ -105,7 +105,10 @@ class _SiluGate(torch.autograd.Function):
         grad_u = grad.new_empty(*grad.shape[:-1], 2, a.shape[-1])
         grad_a, grad_b = grad_u.unbind(-2)
         torch.mul(grad, s, out=grad_b)
-        torch.ops.aten.silu_backward.grad_input(grad * b, a, grad_input=grad_a)
+        # grad·b goes into grad_a's own slot and silu's backward then runs in place there (an elementwise kernel
+        # reading and writing the same element): no temporary of that size.
+        torch.mul(grad, b, out=grad_a)
+        torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
         return grad_u.view(*grad.shape[:-1], 2 * a.shape[-1])
 
 
