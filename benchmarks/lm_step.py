@@ -8,7 +8,7 @@ Usage:
 
 ``--loss trainer`` (default) is the step ``train.py`` runs: ``MoshiLoss``, whose text head is fused into a
 chunked cross-entropy (``LMModel.forward_train``); ``--loss logits`` is ``model(codes)`` then masked CE on the
-full logits, as upstream's trainer does. ``benchmarks/vs_kyutai.py lm`` times both against Kyutai's package.
+full logits, as upstream's trainer does. ``benchmarks/lm_vs_kyutai.py`` times both against Kyutai's package.
 
 Prints one human line and one JSON line per config. Each config runs in its own subprocess so that the CPU peak
 memory (max RSS) is per config. Timings on a shared machine are noisy: compare medians of several runs.
@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-# Also Kyutai's LMModel: benchmarks/vs_kyutai.py runs this file in a venv with their package.
+# Also Kyutai's LMModel: benchmarks/lm_vs_kyutai.py imports this file in a venv with their package.
 from moshi.models.lm import LMModel
 
 MOSHIKO_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
