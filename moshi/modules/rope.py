@@ -35,6 +35,11 @@ def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
+def _rotate_pairs(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` with each interleaved pair multiplied by the complex ``rot`` (broadcast), in float32."""
+    return torch.view_as_real(_complex_pairs(x.float()) * rot).view(x.shape)
+
+
 def rotate_time_major(x: torch.Tensor, theta: torch.Tensor, interleave: bool = True) -> torch.Tensor:
     """Rotates ``x [B, T, ..., D]`` by the angles ``theta [B|1, T, D/2]`` (float32), in float32.
 
@@ -51,13 +56,11 @@ def rotate_time_major(x: torch.Tensor, theta: torch.Tensor, interleave: bool = T
     extra = x.dim() - 3  # axes between T and D (heads, or q/k and heads)
     theta = theta.view(theta.shape[0], theta.shape[1], *([1] * extra), half)
     cos, sin = torch.cos(theta), torch.sin(theta)
-    xf = x.float()
     if interleave:
-        out = torch.view_as_real(_complex_pairs(xf) * torch.complex(cos, sin))
-        return out.view(x.shape).to(x.dtype)
+        return _rotate_pairs(x, torch.complex(cos, sin)).to(x.dtype)
     c = torch.stack([cos, cos], dim=-2)
     s = torch.stack([-sin, sin], dim=-2)
-    xf = xf.view(*x.shape[:-1], 2, half)
+    xf = x.float().view(*x.shape[:-1], 2, half)
     out = xf * c + xf.flip(-2) * s
     return out.view(x.shape).to(x.dtype)
 
@@ -73,8 +76,7 @@ class _RotatedQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, packed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[override]
-        rot = torch.complex(cos, sin)  # [B|1, T, 1, 1, D/2]
-        qk = torch.view_as_real(_complex_pairs(packed[:, :, :2].float()) * rot).view(packed[:, :, :2].shape)
+        qk = _rotate_pairs(packed[:, :, :2], torch.complex(cos, sin))  # cos, sin: [B|1, T, 1, 1, D/2]
         q, k = qk.to(packed.dtype).unbind(2)
         ctx.save_for_backward(cos, sin)
         ctx.packed_shape, ctx.packed_dtype = packed.shape, packed.dtype
@@ -95,7 +97,7 @@ class _RotatedQKV(torch.autograd.Function):
                 out = torch.view_as_complex(target.view(*target.shape[:-1], target.shape[-1] // 2, 2))
                 torch.mul(_complex_pairs(g), back, out=out)
             else:
-                target.copy_(torch.view_as_real(_complex_pairs(g.float()) * back).view(g.shape))
+                target.copy_(_rotate_pairs(g, back))
         return grad, None, None
 
 
