@@ -17,7 +17,6 @@ large-vocabulary head (DSAA's ~150k text head) never materialises float32 logits
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from moshi.models.lm import LMTrainOutput
+from moshi.utils.recycled_buffers import gradient_buffer, recycled_empty
 
 # Moshi's text PAD (3) and EPAD (0) ids; both are down-weighted by `text_padding_weight`.
 DEFAULT_TEXT_PADDING_IDS: tuple[int, ...] = (3, 0)
@@ -240,26 +240,6 @@ def default_chunk_rows(vocab: int) -> int:
     return max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))
 
 
-_cpu_workspace = threading.local()
-
-
-def _logits_workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised ``[rows, vocab]`` buffer for one chunk's logits, reused across chunks and calls on CPU.
-
-    glibc hands blocks this large back to the kernel on free, so a fresh one page-faults every step (about
-    10 ms for 64 MB on the benchmark machine); CUDA's caching allocator already reuses its blocks. One buffer
-    per thread: the function never keeps it past its own call.
-    """
-    if device.type != "cpu":
-        return torch.empty(rows, vocab, dtype=dtype, device=device)
-    buf = getattr(_cpu_workspace, "logits", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < rows * vocab:
-        _cpu_workspace.logits = None  # free the old buffer before allocating its replacement
-        buf = torch.empty(rows * vocab, dtype=dtype)
-        _cpu_workspace.logits = buf
-    return buf[: rows * vocab].view(rows, vocab)
-
-
 class _ChunkedLinearCE(torch.autograd.Function):
     """Fused ``Σ_i hidden_i @ weight_iᵀ (+ bias) → float32 CE`` over row chunks; gradients are computed in
     the forward pass.
@@ -288,7 +268,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=device) if need_b else None
         any_grad = any(need_h) or any(need_w) or need_b
         w_all = weights.float()
-        workspace = _logits_workspace(min(n, chunk_size), heads[0].shape[0], hiddens[0].dtype, device)
+        # One chunk's logits, in memory reused across calls on CPU (a fresh 64 MB block page-faults every step).
+        workspace = recycled_empty(heads[0], "ce_logits", (min(n, chunk_size), heads[0].shape[0]), hiddens[0].dtype)
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
             rows = [h[start:stop] for h in hiddens]
@@ -319,7 +300,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     torch.mm(g, head, out=grad_h[i][start:stop])
                 if need_w[i]:  # accumulate in float32 in place: no [V, D] temporary per chunk
                     if grad_w[i] is None:
-                        grad_w[i] = torch.mm(g.t().float(), h.float())
+                        grad_w[i] = torch.mm(g.t().float(), h.float(), out=gradient_buffer(head, torch.float32))
                     else:
                         grad_w[i].addmm_(g.t().float(), h.float())
         saved = list(grad_h)
