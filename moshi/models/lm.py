@@ -225,6 +225,16 @@ class ScaledEmbedding(nn.Embedding):
         return y
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones) that a direct functional call would skip."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks
+        or getattr(module_mod, "_global_forward_hooks", None) or getattr(module_mod, "_global_forward_pre_hooks", None)
+    )
+
+
 def _summed_lookup(tables: Sequence[ScaledEmbedding], tokens: torch.Tensor) -> torch.Tensor:
     """``Σ_a tables[a](tokens[:, a])`` for ``tokens [B, A, T]`` → ``[B, T, D]``.
 
@@ -606,10 +616,15 @@ class LMModel(StreamingContainer):
         return transformer_out, self._text_logits(transformer_out)
 
     def _text_logits(self, transformer_out: torch.Tensor) -> torch.Tensor:
-        """``text_linear`` of ``[B, T, dim]`` → ``[B, 1, T, text_card_out]``."""
+        """``text_linear`` of ``[B, T, dim]`` → ``[B, 1, T, text_card_out]``.
+
+        On CPU a bare head (no bias, LoRA or forward hooks to honour) writes the logits, 64 MB a step for
+        moshiko's training batches, and its weight gradient into recycled memory.
+        """
         head = self.text_linear
-        if type(head) is nn.Linear and head.bias is None:
-            return recycled_buffers.linear(transformer_out, head.weight)[:, None]  # 64 MB a step on moshiko
+        if transformer_out.device.type == "cpu" and type(head) is nn.Linear and head.bias is None \
+                and not _has_forward_hooks(head):
+            return recycled_buffers.linear(transformer_out, head.weight)[:, None]
         return head(transformer_out)[:, None]
 
     def _depformer_in_index(self, step: int) -> int:

@@ -175,3 +175,15 @@ def test_lm_training_steps_give_the_gradients_of_the_plain_ops(monkeypatch, zero
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
     for k in ("text_emb.weight", "depformer_text_emb.weight"):
         assert torch.equal(got[k], want[k]), k
+
+
+def test_text_head_forward_hooks_still_run_and_see_the_same_logits():
+    model = LMModel(**small_lm_kwargs(), dtype=torch.float32).eval()
+    codes = torch.randint(0, 32, (2, 5, 7))
+    with torch.no_grad():
+        plain = model(codes).text_logits.clone()
+        seen: list[torch.Tensor] = []
+        model.text_linear.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+        hooked = model(codes).text_logits
+    assert len(seen) == 1 and torch.equal(seen[0][:, None], hooked)
+    assert torch.equal(hooked, plain)
