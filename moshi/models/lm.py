@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules import module as _nn_module
 
 from ..modules.lora import LoRALinear
 from ..modules.streaming import StreamingContainer
@@ -227,11 +228,9 @@ class ScaledEmbedding(nn.Embedding):
 
 def _has_forward_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs hooks (its own or global ones) that a direct functional call would skip."""
-    from torch.nn.modules import module as module_mod
-
     return bool(
         module._forward_hooks or module._forward_pre_hooks
-        or getattr(module_mod, "_global_forward_hooks", None) or getattr(module_mod, "_global_forward_pre_hooks", None)
+        or getattr(_nn_module, "_global_forward_hooks", None) or getattr(_nn_module, "_global_forward_pre_hooks", None)
     )
 
 

@@ -62,7 +62,7 @@ def _recyclable(owner: torch.Tensor, numel: int, dtype: torch.dtype) -> bool:
         _storage_use_count is not None
         and type(owner) in (torch.Tensor, nn.Parameter)
         and owner.device.type == "cpu"
-        and numel * torch.empty((), dtype=dtype).element_size() >= MIN_RECYCLED_BYTES
+        and numel * dtype.itemsize >= MIN_RECYCLED_BYTES
     )
 
 
