@@ -366,7 +366,7 @@ class DSAAModel(LMModel):
     def forward_train(self, codes: torch.Tensor) -> DSAATrainOutput:
         """:meth:`forward` without materialising ``[B, 1, T, V]`` text logits (see :class:`DSAATrainOutput`)."""
         logits, mask, text_hidden, text_mask = self._teacher_forced(codes, with_text_head=False)
-        return DSAATrainOutput(logits, mask, text_hidden, text_mask, self.text_head.weight)
+        return DSAATrainOutput(logits, mask, text_hidden, text_mask, self.text_head)
 
     def dsaa_vectors(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """The ``1 + dep_q`` projector inputs for ``codes [B, K, T]`` (the fork's ``get_vectors``).

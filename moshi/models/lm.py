@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as _nn_module
 
-from ..modules.lora import LoRALinear
 from ..modules.streaming import StreamingContainer
 from ..modules.transformer import (
     StreamingTransformer,
@@ -58,35 +57,28 @@ class LMTrainOutput:
     """Teacher-forced outputs with the text head left unapplied, for a loss that applies it in row chunks.
 
     The text head is the largest matmul of a step and its float32 logits the largest activation (``[B, T, V]``);
-    a fused chunked cross-entropy over ``text_hidden`` never materialises them and forms the softmax gradient in
-    place. :meth:`full_text_logits` gives :attr:`LMOutput.text_logits` exactly (NaN positions included:
-    un-delaying fills ``text_hidden`` with NaN where ``text_logits`` would be NaN).
+    a fused chunked cross-entropy over ``text_hidden`` never materialises them. :meth:`full_text_logits` gives
+    :attr:`LMOutput.text_logits` (NaN positions included: un-delaying fills ``text_hidden`` with NaN where
+    ``text_logits`` would be NaN).
 
     Attributes:
         logits (torch.Tensor): ``[B, dep_q, T, card]`` audio logits, as in :class:`LMOutput`.
         mask (torch.Tensor): bool ``[B, dep_q, T]``.
         text_hidden (torch.Tensor): ``[B, 1, T, D]``, the text head's input.
         text_mask (torch.Tensor): bool ``[B, 1, T]``.
-        text_head_weight (torch.Tensor): ``[V, D]``, the head's weight (the parameter itself, so gradients flow).
-        text_head_bias (torch.Tensor | None): ``[V]``.
-        text_extra (tuple): ``(input [B, 1, T, r], weight [V, r])`` terms added to the logits: a LoRA head's
-            scaled low-rank path ``(scaling · lora_A(h), lora_B.weight)``.
+        text_head (nn.Module): the text head itself (an ``nn.Linear`` or a ``LoRALinear``), so the loss reads
+            its parameters and gradients flow to them.
     """
 
     logits: torch.Tensor
     mask: torch.Tensor
     text_hidden: torch.Tensor
     text_mask: torch.Tensor
-    text_head_weight: torch.Tensor
-    text_head_bias: torch.Tensor | None = None
-    text_extra: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    text_head: nn.Module
 
     def full_text_logits(self) -> torch.Tensor:
         """``[B, 1, T, V]``: the logits the text head would give (as :attr:`LMOutput.text_logits`)."""
-        z = F.linear(self.text_hidden, self.text_head_weight, self.text_head_bias)
-        for h, w in self.text_extra:
-            z = z + F.linear(h, w)
-        return z
+        return self.text_head(self.text_hidden)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -713,17 +705,8 @@ class LMModel(StreamingContainer):
         """
         transformer_out, logits, mask = self._hidden_and_audio_logits(codes)
         valid = codes[:, :1] != ZERO_TOKEN_ID
-        head = self.text_linear
-        extra: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if isinstance(head, LoRALinear):
-            low = head.lora_A(transformer_out) * head.scaling
-            low, _ = undelay_logits(low[:, None], self.delays[:1], valid)
-            extra.append((low, head.lora_B.weight))
-            head = head.frozen_W
-        if not isinstance(head, nn.Linear):
-            raise TypeError(f"forward_train needs a Linear (or LoRA) text head, got {type(head).__name__}")
         hidden, text_mask = undelay_logits(transformer_out[:, None], self.delays[:1], valid)
-        return LMTrainOutput(logits, mask, hidden, text_mask, head.weight, head.bias, tuple(extra))
+        return LMTrainOutput(logits, mask, hidden, text_mask, self.text_linear)
 
     # -- streaming -------------------------------------------------------------------------------------------
 
