@@ -72,7 +72,7 @@ def _cpu_seconds() -> float:
 
 
 def _trainer_loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
-    from finetune.trainer import MoshiLoss
+    from finetune.loss import MoshiLoss
 
     return MoshiLoss(model.delays, model.dep_q, 1.0, 1.0, ())(model, codes).total()
 

@@ -27,23 +27,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from finetune.args import TrainArgs
-from finetune.distributed import apply_fsdp, init_distributed, select_device, uses_fsdp
+from finetune.distributed import init_distributed, select_device
+from finetune.model_build import allocate
+from finetune.model_family import DSAAFamily, ModelFamily, MoshiFamily
 from finetune.monitoring.utils import peak_memory_gib
-from finetune.trainer import MoshiLoss, build_optimizer, train_step
-from finetune.wrapped_model import (
-    _set_trainable,
-    compile_layers,
-    default_param_groups,
-    dtype_policy,
-    transformer_layer_units,
-)
+from finetune.trainer import build_optimizer, train_step
 from moshi.models.lm import LMModel
-from moshi.models.loaders import default_lm_kwargs
-from moshi.modules.lora import replace_all_linear_with_lora
+from moshi.models.loaders import CheckpointInfo, default_lm_kwargs
 
 TINY = {
     "dim": 64, "text_card": 48, "n_q": 8, "dep_q": 4, "card": 64, "num_heads": 4, "num_layers": 2,
@@ -78,28 +73,43 @@ def _args(rank: int, gc: bool, param_dtype: str, compile_: bool) -> TrainArgs:
     }, validate=False)
 
 
-def build(kwargs: dict, rank: int, gc: bool, device: torch.device, compile_: bool) -> tuple[LMModel, TrainArgs]:
-    """Random-weight model through the trainer's dtype policy / FSDP2 path (meta build, then materialise)."""
+class _RandomSource:
+    """A family whose source model is its own skeleton filled with random values: no checkpoint is read, and
+    the model goes through the trainer's build (dtype policy, FSDP2 units, broadcast, forward registration)."""
+
+    description: Any = None
+
+    def source(self, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+        model = allocate(self.skeleton(self.description, dtype), torch.device("cpu"))  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+                elif name.endswith("alpha"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+        return model, self.description
+
+
+class RandomMoshi(_RandomSource, MoshiFamily):
+    pass
+
+
+class RandomDSAA(_RandomSource, DSAAFamily):
+    pass
+
+
+def _random_info(kwargs: dict | None) -> CheckpointInfo:
+    unused = Path("random-weights")
+    return CheckpointInfo(moshi_weights=unused, mimi_weights=unused, tokenizer=unused, lm_config=kwargs)
+
+
+def build(kwargs: dict, rank: int, gc: bool, device: torch.device, compile_: bool) -> tuple[LMModel, ModelFamily]:
+    """Random-weight Moshi through the trainer's family and build."""
     args = _args(rank, gc, "bfloat16" if device.type == "cuda" else "float32", compile_)
-    policy = dtype_policy(args.param_dtype, device)
-    model = LMModel(**kwargs, gradient_checkpointing=gc, device="meta", dtype=policy.frozen)
-    if rank > 0:
-        replace_all_linear_with_lora(model, rank, 2.0)
-    _set_trainable(model, args, policy.trained)
-    if compile_:
-        compile_layers(model)
-    if uses_fsdp(device):
-        apply_fsdp(model, device, transformer_layer_units(model), compute_dtype=policy.compute)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.zero_()
-            elif name.endswith("alpha"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    return model, args
+    family = RandomMoshi(args, _random_info(kwargs))
+    return family.build(device), family  # type: ignore[return-value]
 
 
 def random_codes(
@@ -115,10 +125,10 @@ def random_codes(
 def run_case(name: str, device: torch.device, warmup: int, steps: int, compile_: bool) -> dict:
     kwargs, batch, frames, rank, gc = CASES[name]
     kwargs = default_lm_kwargs() if kwargs is None else dict(kwargs)
-    model, args = build(kwargs, rank, gc, device, compile_)
+    model, family = build(kwargs, rank, gc, device, compile_)
     model.train()
-    opt = build_optimizer(default_param_groups(model, args), device)
-    loss_fn = MoshiLoss.for_model(model, args)
+    opt = build_optimizer(family.param_groups(model), device)
+    loss_fn = family.loss(model)
     codes = [random_codes(model, batch, frames, device, s) for s in range(2)]
     return time_steps(f"train_step/{name}", model, opt, loss_fn, codes, device, warmup, steps,
                       {"batch": batch, "frames": frames, "lora_rank": rank, "gradient_checkpointing": gc,
@@ -177,47 +187,38 @@ DSAA_CASES = {
 
 
 def build_dsaa(kwargs: dict, llm_kwargs: dict, gc: bool, device: torch.device, compile_: bool):
-    """Random-weight DSAA model through the DSAA trainer's groups, dtype policy and FSDP2 units."""
+    """Random-weight DSAA model through the trainer's family and build (groups, dtype policy, FSDP2 units)."""
     from transformers import Qwen2Config
 
-    from finetune.dsaa_training import materialize, prepare_for_training, skeleton_from_config
-    from moshi.models.dsaa_loading import DSAABlock, TextLLMSpec
+    from moshi.models.dsaa_loading import DSAABlock
 
     args = TrainArgs.from_dict({
         "data": {"train_data": "unused.jsonl"}, "run_dir": "unused", "lora": {"enable": False},
         "full_finetuning": True, "text_llm": {"enable": True}, "gradient_checkpointing": gc,
         "param_dtype": "bfloat16" if device.type == "cuda" else "float32", "compile": compile_,
     }, validate=False)
-    policy = dtype_policy(args.param_dtype, device)
     llm_config = Qwen2Config(**llm_kwargs).to_dict()
     block = DSAABlock(hf_repo_id="random", revision=None, llm_weights="embedded", llm_config=llm_config,
                       text_dim=llm_kwargs["hidden_size"], text_vocab=llm_kwargs["vocab_size"], pad_id=2, epad_id=2,
                       bos_id=1, proj_hidden=None, proj_dropout=0.1)  # type: ignore[arg-type]
-    config = dict(kwargs, dsaa=block.to_dict())
-    model = skeleton_from_config(config, TextLLMSpec(), policy.frozen)
-    prepare_for_training(model, args, policy.trained)
-    materialize(model, args, device)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.normal_(0.0, 0.02)
-    return model, args
+    family = RandomDSAA(args, _random_info(kwargs))
+    family.description = dict(kwargs, dsaa=block.to_dict())
+    return family.build(device), family
 
 
 def run_dsaa_case(name: str, device: torch.device, warmup: int, steps: int, compile_: bool) -> dict:
-    from finetune.dsaa_training import DSAALoss, dsaa_param_groups
-
     kwargs, llm_kwargs, batch, frames, gc = DSAA_CASES[name]
     kwargs = default_lm_kwargs() if kwargs is None else dict(kwargs)
-    model, args = build_dsaa(kwargs, llm_kwargs, gc, device, compile_)
+    model, family = build_dsaa(kwargs, llm_kwargs, gc, device, compile_)
     model.train()
-    opt = build_optimizer(dsaa_param_groups(model, args), device)
-    loss_fn = DSAALoss.for_model(model, args)
+    opt = build_optimizer(family.param_groups(model), device)
+    loss_fn = family.loss(model)
     codes = [random_codes(model, batch, frames, device, s, text_vocab=model.dims.text_in_vocab) for s in range(2)]
     return time_steps(f"train_step/{name}", model, opt, loss_fn, codes, device, warmup, steps,
                       {"batch": batch, "frames": frames, "gradient_checkpointing": gc, "compile": compile_,
                        "llm": f"Qwen2 D_l={llm_kwargs['hidden_size']} V={llm_kwargs['vocab_size']} "
                               f"layers={llm_kwargs['num_hidden_layers']}",
-                       "audio_loss_skip_every": args.audio_loss_skip_every})
+                       "audio_loss_skip_every": family.args.audio_loss_skip_every})
 
 
 def text_loss_memory(rows: int, dim: int, vocab: int, chunk_rows: int | None, device: torch.device) -> dict:
@@ -233,7 +234,9 @@ def text_loss_memory(rows: int, dim: int, vocab: int, chunk_rows: int | None, de
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, dim, generator=g).to(device).requires_grad_()
-    weight = (0.02 * torch.randn(vocab, dim, generator=g)).to(device).requires_grad_()
+    head = torch.nn.Linear(dim, vocab, bias=False, device=device)
+    with torch.no_grad():
+        head.weight.copy_(0.02 * torch.randn(vocab, dim, generator=g))
     targets = torch.randint(0, vocab, (rows,), generator=g).to(device)
     weights = torch.ones(rows, device=device)
     if device.type == "cuda":
@@ -244,9 +247,9 @@ def text_loss_memory(rows: int, dim: int, vocab: int, chunk_rows: int | None, de
         base, peak_before = _rss_gib(), peak_memory_gib(device)
     t0 = time.perf_counter()
     if chunk_rows is None:
-        loss = (F.cross_entropy(hidden @ weight.t(), targets, reduction="none") * weights).sum()
+        loss = (F.cross_entropy(head(hidden), targets, reduction="none") * weights).sum()
     else:
-        loss, _ = chunked_linear_cross_entropy(hidden, weight, targets, weights, chunk_rows)
+        loss, _ = chunked_linear_cross_entropy(hidden, head, targets, weights, chunk_rows)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

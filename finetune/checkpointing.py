@@ -194,7 +194,9 @@ class Checkpointer:
         num_ckpt_keep (int | None): newest checkpoints kept (None: all).
         fingerprint (dict): config keys a resume must not change (`TrainArgs.resume_fingerprint()`).
         export_writer (callable | None): ``(folder, full state, export dtype) -> None`` writing the export
-            instead of Moshi's format (DSAA: `finetune.dsaa_training.dsaa_export_writer`).
+            instead of Moshi's format (the model family's `export_writer`).
+        fault_hook (callable | None): called as ``hook("before_rename", step)`` once a checkpoint's files are
+            written and before it becomes visible (the crash tests kill the process there).
     """
 
     def __init__(
@@ -211,6 +213,7 @@ class Checkpointer:
         num_ckpt_keep: int | None,
         fingerprint: Mapping[str, Any],
         export_writer: Callable[[Path, dict[str, torch.Tensor], torch.dtype], None] | None = None,
+        fault_hook: Callable[[str, int], None] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.model = model
@@ -224,8 +227,7 @@ class Checkpointer:
         self.num_ckpt_keep = num_ckpt_keep
         self.fingerprint = json.loads(json.dumps(dict(fingerprint)))
         self.export_writer = export_writer
-        # Test hook: SIGKILL this process inside save() at the named point (e.g. "before_rename:4").
-        self._kill_at = os.environ.get("MOSHI_FT_KILL_IN_CHECKPOINT", "")
+        self.fault_hook = fault_hook
 
     # -- model / optimizer state (sharded, DCP) --------------------------------------------------------------
 
@@ -247,13 +249,6 @@ class Checkpointer:
     @property
     def export_name(self) -> str:
         return "lora.safetensors" if self.lora and self.save_adapters else "consolidated.safetensors"
-
-    def _maybe_kill(self, where: str, step: int) -> None:
-        if self._kill_at == f"{where}:{step}":
-            import signal
-
-            logger.warning("test hook: SIGKILL during checkpoint %d (%s)", step, where)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def save(self, step: int, rank_state: Mapping[str, Any]) -> Path:
         """Writes checkpoint `step` (a collective: every rank calls it); returns its folder.
@@ -293,7 +288,8 @@ class Checkpointer:
         if error is None and is_main() and export:
             try:
                 self._write_export(tmp / "consolidated", export)
-                self._maybe_kill("before_rename", step)
+                if self.fault_hook is not None:
+                    self.fault_hook("before_rename", step)
                 atomic_write_json(tmp / "resume" / "trainer.json", {
                     "step": step, "world_size": get_world_size(), "fingerprint": self.fingerprint,
                     "export": self.export_name,

@@ -1,30 +1,32 @@
-"""Masked, weighted cross-entropy for Moshi's text and audio heads (reference 5.4).
+"""The training loss: masked, weighted cross-entropy of the text and audio heads, and its fused text CE.
 
 Each part returns a weighted *sum* and the *sum of weights* instead of a mean, so the trainer can
-normalise by the weight total of the whole optimizer step (all micro-batches, all ranks). Dividing
-each micro-batch by its own weight sum (upstream) over-weights micro-batches with few real tokens;
-with equal weight sums both give the same number.
+normalise by the weight total of the whole optimizer step (all micro-batches, all ranks); a micro-batch
+with few real tokens then weighs exactly its share.
 
-Weights (5.4):
+Weights:
   text:  m · (text_padding_weight if target ∈ {PAD, EPAD} else 1)
   audio: m · (first_codebook_weight_multiplier if codebook == 0 else 1)
 where m is the model's validity mask (code != -1 and not in the undelayed tail). Masked positions
 contribute exactly 0 to value and gradient even though the model fills them with NaN.
 
-:func:`chunked_linear_cross_entropy` computes ``CE(hidden @ weight.T)`` chunk by chunk so that a
-large-vocabulary head (DSAA's ~150k text head) never materialises float32 logits for all rows.
+:func:`chunked_linear_cross_entropy` computes ``CE(head(hidden))`` chunk by chunk so that a large-vocabulary
+head (32k for Moshi, ~150k for a DSAA LLM head) never materialises float32 logits for all rows.
+:class:`MoshiLoss` puts the pieces together for the trainer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moshi.models.lm import LMTrainOutput
-from moshi.utils.recycled_buffers import gradient_buffer, recycled_empty
+from moshi.modules.lora import LoRALinear
 
 # Moshi's text PAD (3) and EPAD (0) ids; both are down-weighted by `text_padding_weight`.
 DEFAULT_TEXT_PADDING_IDS: tuple[int, ...] = (3, 0)
@@ -187,9 +189,8 @@ def train_output_loss_terms(
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])[keep]
 
-    extra = [(rows(h), w) for h, w in out.text_extra]
-    ts, tw = chunked_linear_cross_entropy(rows(out.text_hidden), out.text_head_weight, targets.reshape(-1)[keep],
-                                          w_text[keep], chunk_rows, bias=out.text_head_bias, extra=extra)
+    ts, tw = chunked_linear_cross_entropy(rows(out.text_hidden), out.text_head, targets.reshape(-1)[keep],
+                                          w_text[keep], chunk_rows)
     if not with_audio:
         zero = ts.new_zeros(())
         return LossTerms(ts, tw, zero, zero)
@@ -228,9 +229,8 @@ def loss_weight_sums_from_codes(
 
 # Rows per chunk of the fused text CE: up to 16M float32 logits (64 MB) per chunk, and never under 256 rows so
 # the chunk matmuls stay efficient. For Moshi's 32k vocabulary the mid benchmark's 500 rows are then one chunk:
-# its logits matmul ran at 280 GFLOP/s on 2 CPU cores against 257 for two 262-row chunks, 8 ms less per step
-# (the 64 MB is the size of the logits upstream's loss materialises for those rows, before their gradient). For
-# DSAA's 152k vocabulary, 256-row chunks (0.15 GB) were no slower than 1024-row ones and peaked lower.
+# its logits matmul ran at 280 GFLOP/s on 2 CPU cores against 257 for two 262-row chunks, 8 ms less per step.
+# For DSAA's 152k vocabulary, 256-row chunks (0.15 GB) were no slower than 1024-row ones and peaked lower.
 CHUNK_LOGITS = 16 * 2**20
 MIN_CHUNK_ROWS = 256
 
@@ -246,7 +246,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     Computing the gradient while the chunk's logits are at hand (instead of saving them or recomputing
     them in backward) keeps peak memory at one chunk of logits and costs no extra matmul. The softmax
-    gradient is formed in place in the logits buffer, so a chunk allocates nothing of its size but the logits.
+    gradient is formed in place in the chunk's logits buffer. Backward scales the saved gradients in place
+    (a second ``[V, D]`` copy of the head's gradient would double its memory), so it may run only once:
+    a second backward through a retained graph raises instead of returning scaled-twice gradients.
 
     Inputs after the fixed arguments are ``bias`` (or None) then ``hidden_0, weight_0, hidden_1, weight_1,
     ...``: a LoRA head is ``(h, W)`` plus ``(scaling · h Aᵀ, B)``.
@@ -268,8 +270,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=device) if need_b else None
         any_grad = any(need_h) or any(need_w) or need_b
         w_all = weights.float()
-        # One chunk's logits, in memory reused across calls on CPU (a fresh 64 MB block page-faults every step).
-        workspace = recycled_empty(heads[0], "ce_logits", (min(n, chunk_size), heads[0].shape[0]), hiddens[0].dtype)
+        workspace = torch.empty((min(n, chunk_size), heads[0].shape[0]), dtype=hiddens[0].dtype, device=device)
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
             rows = [h[start:stop] for h in hiddens]
@@ -300,20 +301,26 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     torch.mm(g, head, out=grad_h[i][start:stop])
                 if need_w[i]:  # accumulate in float32 in place: no [V, D] temporary per chunk
                     if grad_w[i] is None:
-                        grad_w[i] = torch.mm(g.t().float(), h.float(), out=gradient_buffer(head, torch.float32))
+                        grad_w[i] = torch.mm(g.t().float(), h.float())
                     else:
                         grad_w[i].addmm_(g.t().float(), h.float())
         saved = list(grad_h)
         saved += [None if gw is None else gw.to(head.dtype) for gw, head in zip(grad_w, heads)]
         saved.append(None if grad_b is None else grad_b.to(bias.dtype))
         ctx.n_pairs = len(hiddens)
+        ctx.backward_done = False
         ctx.save_for_backward(*saved)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        # The saved gradients are ours alone and the graph is used once per step, so they are
-        # scaled in place: a second [V, D] copy of the head's gradient would double peak memory.
+        if ctx.backward_done:
+            raise RuntimeError(
+                "chunked_linear_cross_entropy: backward ran twice through the same graph (retain_graph=True); "
+                "its gradients are computed once in forward and consumed by the first backward, so run the "
+                "loss's forward again before another backward"
+            )
+        ctx.backward_done = True
         saved = ctx.saved_tensors
         k = ctx.n_pairs
         scaled = [None if t is None else t.mul_(grad_out.to(t.dtype)) for t in saved]
@@ -322,46 +329,121 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return (None, None, None, None, grad_b, *pairs)
 
 
+def _head_terms(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """``(bias, [hidden, W, (low, B)...])`` of a Linear or LoRA head applied to ``hidden`` rows.
+
+    A LoRA head's low-rank input ``scaling · lora_A(hidden)`` is computed here, on the rows the loss keeps,
+    and goes through ordinary autograd to ``lora_A`` and ``hidden``.
+    """
+    if isinstance(head, LoRALinear):
+        bias, pairs = _head_terms(head.frozen_W, hidden)
+        return bias, pairs + [head.lora_A(hidden) * head.scaling, head.lora_B.weight]
+    if isinstance(head, nn.Linear):
+        return head.bias, [hidden, head.weight]
+    raise TypeError(f"the fused text CE needs an nn.Linear or LoRALinear text head, got {type(head).__name__}")
+
+
 def chunked_linear_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: nn.Module,
     targets: torch.Tensor,
     weights: torch.Tensor,
     chunk_size: int | None = None,
-    bias: torch.Tensor | None = None,
-    extra: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ w · CE(hidden @ weight.T + Σ extra_h @ extra_W.T + bias, targets), Σ w)`` without float32 logits
-    for all rows at once.
+    """``(Σ w · CE(head(hidden), targets), Σ w)`` without float32 logits for all rows at once.
 
     Args:
-        hidden (Tensor): ``[N, D]`` (rows with weight 0 may be anything finite; better: drop them).
-        weight (Tensor): ``[V, D]`` head weight.
+        hidden (Tensor): ``[N, D]`` rows (rows with weight 0 may be anything finite; better: drop them).
+        head (nn.Module): the text head, an ``nn.Linear`` (with or without bias) or a ``LoRALinear``; its
+            parameters receive gradients.
         targets (Tensor): ``[N]`` int64; entries with weight 0 may be -1.
         weights (Tensor): ``[N]`` ≥ 0.
         chunk_size (int | None): rows per chunk (default :func:`default_chunk_rows`); peak extra memory ≈
             ``chunk_size × V × 4`` bytes.
-        bias (Tensor | None): ``[V]`` head bias.
-        extra: more ``(hidden_i [N, D_i], weight_i [V, D_i])`` terms summed into the logits (a LoRA head's
-            low-rank path).
+
+    Raises:
+        RuntimeError: on a second backward through the same result (see :class:`_ChunkedLinearCE`).
     """
+    bias, pairs = _head_terms(head, hidden)
+    weight = pairs[1]
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, D] and weight [V, D], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    n, v = hidden.shape[0], weight.shape[0]
-    for h, w in extra:
-        if h.dim() != 2 or w.dim() != 2 or h.shape[0] != n or w.shape[0] != v or h.shape[1] != w.shape[1]:
-            raise ValueError(f"extra term: expected hidden [{n}, r] and weight [{v}, r], "
-                             f"got {tuple(h.shape)}, {tuple(w.shape)}")
-    if bias is not None and bias.shape != (v,):
-        raise ValueError(f"bias must be [V={v}], got {tuple(bias.shape)}")
+        raise ValueError(f"expected hidden [N, D] and a head weight [V, D], got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}")
+    n = hidden.shape[0]
     if targets.shape != (n,) or weights.shape != (n,):
         raise ValueError(f"targets/weights must be [N={n}], got {tuple(targets.shape)}, {tuple(weights.shape)}")
     if chunk_size is None:
-        chunk_size = default_chunk_rows(v)
+        chunk_size = default_chunk_rows(weight.shape[0])
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    pairs = [t for pair in [(hidden, weight), *extra] for t in pair]
-    total = _ChunkedLinearCE.apply(
-        targets, weights.detach(), int(chunk_size), torch.is_grad_enabled(), bias, *pairs
-    )
+    total = _ChunkedLinearCE.apply(targets, weights.detach(), int(chunk_size), torch.is_grad_enabled(), bias, *pairs)
     return total, weights.float().sum()
+
+
+# ----------------------------------------------------------------------------- the trainer's loss
+
+
+class LossFn(Protocol):
+    """What the training loop and evaluation need from a loss."""
+
+    def weight_sums(self, codes: torch.Tensor) -> torch.Tensor: ...  # [2]: text, audio weight sums
+
+    def token_counts(self, codes: torch.Tensor) -> torch.Tensor: ...  # [2]: positions with a target, all
+
+    def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms: ...
+
+    def begin_step(self, step: int) -> None: ...  # before the step's first `weight_sums` (1-based step)
+
+
+class MoshiLoss:
+    """The weighted text + audio CE of an ``LMModel`` (Moshi or DSAA text path), text head fused into the CE.
+
+    The audio terms can be switched off on a schedule: always with ``only_text``, and on every training step
+    ``step % audio_loss_skip_every == 0`` (1-based step, announced by :meth:`begin_step`). They are left out
+    of both the loss and the step's weight totals, and only in training (``model.training``): evaluation
+    always reports both parts. Without a schedule every step has both parts.
+    """
+
+    def __init__(self, delays: Sequence[int], dep_q: int, first_codebook_weight_multiplier: float,
+                 text_padding_weight: float, text_padding_ids: Sequence[int], only_text: bool = False,
+                 audio_loss_skip_every: int = 0, chunk_rows: int | None = None) -> None:
+        self.delays = list(delays)
+        self.dep_q = dep_q
+        self.beta = first_codebook_weight_multiplier
+        self.alpha = text_padding_weight
+        self.pad_ids = tuple(text_padding_ids)
+        self.only_text = only_text
+        self.skip_every = audio_loss_skip_every
+        self.chunk_rows = chunk_rows
+        self.audio_off = only_text
+
+    @classmethod
+    def for_model(cls, model: nn.Module, first_codebook_weight_multiplier: float, text_padding_weight: float,
+                  only_text: bool = False, audio_loss_skip_every: int = 0) -> MoshiLoss:
+        """The loss of ``model``: its delays, depformer codebooks and PAD/EPAD ids."""
+        return cls(model.delays, model.dep_q, first_codebook_weight_multiplier, text_padding_weight,
+                   (model.existing_text_padding_id, model.existing_text_end_padding_id), only_text=only_text,
+                   audio_loss_skip_every=audio_loss_skip_every)
+
+    def skips_audio(self, step: int) -> bool:
+        """Whether training step ``step`` (1-based) leaves the audio loss out."""
+        return self.only_text or (self.skip_every > 0 and step % self.skip_every == 0)
+
+    def begin_step(self, step: int) -> None:
+        """Called by the trainer before each optimizer step's first forward."""
+        self.audio_off = self.skips_audio(step)
+
+    def weight_sums(self, codes: torch.Tensor) -> torch.Tensor:
+        wt, wa = loss_weight_sums_from_codes(codes, self.delays, self.dep_q, self.beta, self.alpha, self.pad_ids)
+        return torch.stack([wt, wa * 0.0 if self.audio_off else wa])
+
+    def token_counts(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[real, all]`` predicted positions: those with a target (text and audio), and all of them."""
+        wt, wa = loss_weight_sums_from_codes(codes, self.delays, self.dep_q, 1.0, 1.0, ())
+        total = codes.shape[0] * codes.shape[-1] * (1 + self.dep_q)
+        return torch.stack([wt + wa, wt.new_tensor(float(total))])
+
+    def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms:
+        with_audio = not (self.audio_off and model.training)
+        return train_output_loss_terms(model.forward_train(codes), codes, self.beta, self.alpha,  # type: ignore[operator]
+                                       self.pad_ids, self.chunk_rows, with_audio)

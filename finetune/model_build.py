@@ -1,34 +1,37 @@
-"""The LM as the trainer needs it: loaded through `moshi.models.loaders`, LoRA-ised or fully trainable,
-sharded when useful, with a dtype policy per device.
+"""The one sharded build every model family goes through, and the dtype policy it applies.
 
 Dtype policy (why): on CUDA the frozen weights stay in `param_dtype` (bf16: half the memory) while the
 *trained* parameters are stored in float32 — they are the master weights AdamW updates — and FSDP2's
-`MixedPrecisionPolicy` all-gathers everything in bf16 for compute and reduces gradients in fp32. This
-replaces upstream's manual fp32 master copies (swap before `optimizer.step()`, copy back after) with one
-mechanism that also works sharded, and saves the bf16 copy of trained parameters. On CPU everything is
-float32: bf16 matmuls are slow there and tests want exact numbers.
+`MixedPrecisionPolicy` all-gathers everything in bf16 for compute and reduces gradients in fp32, one
+mechanism that also works sharded. On CPU everything is float32: bf16 matmuls are slow there and tests want
+exact numbers.
 
-The build order follows torchtitan: weights are read on rank 0 only; every rank builds the model on
-`meta`, sets trainability and dtypes, shards it, allocates its shard (`to_empty`) and receives rank 0's
-tensors by broadcast (`set_model_state_dict(..., broadcast_from_rank0=True)`), so a 7B model is never
-materialised once per rank in host memory.
+Build order: weights are read on rank 0 only; every rank builds the model on `meta`, sets trainability and
+dtypes, shards it, allocates its shard (`to_empty`) and receives rank 0's tensors by broadcast
+(`set_model_state_dict(..., broadcast_from_rank0=True)`), so a 7B model is never materialised once per rank
+in host memory. One process without FSDP loads the model directly and moves it to its device.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from finetune.args import TrainArgs
-from finetune.distributed import apply_fsdp, get_rank, get_world_size, register_forward_train, uses_fsdp
-from moshi.models.lm import LMModel
-from moshi.models.loaders import CheckpointInfo, get_moshi_lm
-from moshi.modules.lora import init_lora_for_training, replace_all_linear_with_lora
+from finetune.distributed import (
+    apply_fsdp,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    register_forward_train,
+    uses_fsdp,
+)
+from moshi.models.loaders import CheckpointInfo
 from moshi.modules.transformer import StreamingTransformerLayer
 
 logger = logging.getLogger(__name__)
@@ -72,93 +75,12 @@ def resolve_checkpoint_info(args: TrainArgs) -> CheckpointInfo:
     )
 
 
-def is_trainable_name(name: str, args: TrainArgs) -> bool:
-    """Upstream's rule: LoRA runs train names containing `lora` (+ `emb` with `lora.ft_embed`); full FT all."""
-    if args.full_finetuning:
-        return True
-    return "lora" in name or (args.lora is not None and args.lora.ft_embed and "emb" in name)
-
-
-def _set_trainable(model: nn.Module, args: TrainArgs, trained_dtype: torch.dtype) -> None:
-    """Marks trained parameters and stores them in `trained_dtype` (the fp32 master weights on GPU)."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable_name(name, args))
-    store_trained_in(model, trained_dtype)
-
-
 def store_trained_in(model: nn.Module, trained_dtype: torch.dtype) -> None:
     """Stores every parameter with ``requires_grad`` in `trained_dtype` (frozen ones keep their dtype)."""
     for module in model.modules():
         for pname, p in list(module._parameters.items()):
             if p is not None and p.requires_grad and p.dtype != trained_dtype:
                 module._parameters[pname] = nn.Parameter(p.detach().to(trained_dtype), requires_grad=True)
-
-
-def _build_lm(
-    info: CheckpointInfo, args: TrainArgs, device: torch.device | str, dtype: torch.dtype, load_weights: bool
-) -> LMModel:
-    """The base LM (weights from the file if `load_weights`, else on `meta`), LoRA-ised for LoRA runs."""
-    overrides = {"gradient_checkpointing": args.gradient_checkpointing, "lora": False}
-    model = get_moshi_lm(
-        info.moshi_weights if load_weights else None,
-        lm_kwargs=info.lm_config,
-        device=device if load_weights else "meta",
-        dtype=dtype,
-        lm_kwargs_overrides=overrides,
-    )
-    if args.lora is not None and args.lora.enable:
-        replace_all_linear_with_lora(model, args.lora.rank, args.lora.scaling)
-        if load_weights:
-            init_lora_for_training(model)  # A kaiming-uniform, B = 0: starts exactly at the base model
-    return model
-
-
-def transformer_layer_units(model: nn.Module) -> list[type]:
-    """Module classes that become FSDP units (the DSAA trainer appends its LLM decoder-layer class)."""
-    return [StreamingTransformerLayer]
-
-
-def build_model(
-    args: TrainArgs,
-    info: CheckpointInfo,
-    device: torch.device,
-    fsdp_units: Sequence[type] | Callable[[nn.Module], bool] | None = None,
-) -> nn.Module:
-    """The model, ready for the optimizer: weights loaded, trainability set, sharded if applicable."""
-    policy = dtype_policy(args.param_dtype, device)
-    world = get_world_size()
-    if not uses_fsdp(device):
-        model = _build_lm(info, args, "cpu", policy.frozen, load_weights=True)
-        _set_trainable(model, args, policy.trained)
-        model.to(device)
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        full_sd: dict[str, torch.Tensor] = {}
-        if get_rank() == 0:
-            source = _build_lm(info, args, "cpu", policy.frozen, load_weights=True)
-            full_sd = source.state_dict()
-            del source
-        model = _build_lm(info, args, "meta", policy.frozen, load_weights=False)
-        _set_trainable(model, args, policy.trained)
-        if args.compile:
-            compile_layers(model)
-        apply_fsdp(model, device, fsdp_units or transformer_layer_units(model), compute_dtype=policy.compute)
-        register_forward_train(model)
-        model.to_empty(device=device)
-        set_model_state_dict(
-            model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-        )
-        del full_sd
-    if args.compile and not uses_fsdp(device):
-        compile_layers(model)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) * (world if uses_fsdp(device) else 1)
-    n_all = sum(p.numel() for p in model.parameters()) * (world if uses_fsdp(device) else 1)
-    logger.info("%s out of %s parameters are fine-tuned (%.2f%%) [%s; frozen %s, trained %s, compute %s]",
-                f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(n_all, 1),
-                "full fine-tuning" if args.full_finetuning else "LoRA",
-                policy.frozen, policy.trained, policy.compute or "storage dtype")
-    return model
 
 
 def compile_layers(model: nn.Module) -> None:
@@ -175,16 +97,102 @@ def compile_layers(model: nn.Module) -> None:
     logger.info("torch.compile: %d transformer layers", n)
 
 
-def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def promote_scalar_parameters(model: nn.Module) -> list[str]:
+    """Replaces every 0-dim parameter by a 1-element vector; returns their names.
 
-
-def default_param_groups(model: nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
-    """AdamW groups: upstream's single group (`optim.lr`, `optim.weight_decay`) over the trained params.
-
-    The DSAA trainer passes its own function with the same signature (proj / finetune groups).
+    FSDP2 cannot shard 0-dim parameters; a product such as ``alpha * x`` broadcasts the same either way. The
+    names are kept on the model (``fsdp_promoted_scalars``) so exports can write the 0-dim tensors back.
     """
-    params = [p for _, p in trainable_named_parameters(model)]
-    if not params:
-        raise ValueError("no trainable parameters: check lora.enable / full_finetuning")
-    return [{"params": params, "lr": args.optim.lr, "weight_decay": args.optim.weight_decay, "name": "all"}]
+    names = []
+    for mname, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.dim() == 0:
+                module._parameters[pname] = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+                names.append(f"{mname}.{pname}" if mname else pname)
+    model.fsdp_promoted_scalars = names  # type: ignore[assignment]
+    return names
+
+
+def allocate(model: nn.Module, device: torch.device) -> nn.Module:
+    """``to_empty(device)`` that keeps the values of real non-persistent buffers (no file holds them, e.g. an
+    LLM's rotary frequencies); parameters are left uninitialised for the caller to load or fill."""
+    buffers = {}
+    for mname, module in model.named_modules():
+        for bname, buf in module._buffers.items():
+            if buf is not None and bname in module._non_persistent_buffers_set and not buf.is_meta:
+                buffers[f"{mname}.{bname}" if mname else bname] = buf.detach().clone()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+    return model
+
+
+class BuildSpec(Protocol):
+    """What a model family tells the build: how the source and the skeleton are made, what trains, the units.
+
+    ``source`` runs on rank 0 only (or in the single process) and returns the model with its weights on CPU,
+    plus a picklable description every rank turns into a ``meta`` skeleton with ``skeleton``.
+    """
+
+    promotes_scalars: bool  # 0-dim parameters become 1-element vectors under FSDP2
+
+    def source(self, dtype: torch.dtype) -> tuple[nn.Module, Any]: ...
+
+    def skeleton(self, description: Any, dtype: torch.dtype) -> nn.Module: ...
+
+    def prepare(self, model: nn.Module, trained_dtype: torch.dtype) -> None: ...  # trainability + dtypes
+
+    def fsdp_unit(self, model: nn.Module) -> Callable[[nn.Module], bool]: ...
+
+
+def build_model(spec: BuildSpec, args: TrainArgs, device: torch.device) -> nn.Module:
+    """The model of ``spec`` ready for the optimizer: weights loaded, trainability set, sharded if applicable.
+
+    Under FSDP2 (CUDA, or several processes) every rank shards a ``meta`` skeleton and receives rank 0's
+    weights by broadcast; ``forward_train`` is registered as a forward method, so parameters are gathered
+    around it as around ``forward`` (the loss calls it).
+    """
+    policy = dtype_policy(args.param_dtype, device)
+    if not uses_fsdp(device):
+        model, _ = spec.source(policy.frozen)
+        spec.prepare(model, policy.trained)
+        model.to(device)
+        if args.compile:
+            compile_layers(model)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full_sd: dict[str, torch.Tensor] = {}
+        description: Any = None
+        if get_rank() == 0:
+            source, description = spec.source(policy.frozen)
+            full_sd = source.state_dict()
+            del source
+        description = broadcast_object(description)
+        model = spec.skeleton(description, policy.frozen)
+        spec.prepare(model, policy.trained)
+        if args.compile:
+            compile_layers(model)
+        promoted = promote_scalar_parameters(model) if spec.promotes_scalars else []
+        apply_fsdp(model, device, spec.fsdp_unit(model), compute_dtype=policy.compute)
+        register_forward_train(model)
+        allocate(model, device)
+        for name in promoted:
+            if name in full_sd:
+                full_sd[name] = full_sd[name].reshape(1)
+        set_model_state_dict(
+            model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+        )
+        del full_sd
+    _log_parameter_counts(model, device, policy)
+    return model
+
+
+def _log_parameter_counts(model: nn.Module, device: torch.device, policy: DtypePolicy) -> None:
+    scale = get_world_size() if uses_fsdp(device) else 1  # sharded: each rank holds about 1/world of each tensor
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) * scale
+    n_all = sum(p.numel() for p in model.parameters()) * scale
+    logger.info("%s out of %s parameters are fine-tuned (%.2f%%) [frozen %s, trained %s, compute %s]",
+                f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(n_all, 1), policy.frozen, policy.trained,
+                policy.compute or "storage dtype")

@@ -1,15 +1,14 @@
 """The fine-tuning recipe: components from a `TrainArgs`, the loop, checkpoints, resume.
 
-`train.py` is a thin entry point over :class:`Trainer` (torchtune's recipe shape: `setup()`, `train()`,
-`close()`). The pieces a DSAA trainer replaces are small functions passed in or overridden: the model
-builder, the parameter groups and the loss (:class:`MoshiLoss`).
+`train.py` is a thin entry point over :class:`Trainer` (`setup()`, `train()`, `close()`). Everything that
+depends on the model (the build, the parameter groups, the loss, the text tokenizer, the export format) comes
+from the run's :class:`finetune.model_family.ModelFamily`, so the loop is the same for Moshi and DSAA.
 
-Loss normalisation (why it differs from upstream): each optimizer step's loss is
-``Σ text CE·w / Σ w_text + Σ audio CE·w / Σ w_audio`` where the sums run over **all** micro-batches and
-ranks of the step. The weight totals depend only on the codes, so they are counted (one all-reduce)
-before the first forward, and every micro-batch's backward contributes its exact share. The result does
-not depend on how the global batch is split over micro-batches or processes; upstream's mean of
-per-micro-batch means equals it when all micro-batches carry the same weight.
+Loss normalisation: each optimizer step's loss is ``Σ text CE·w / Σ w_text + Σ audio CE·w / Σ w_audio``
+where the sums run over **all** micro-batches and ranks of the step. The weight totals depend only on the
+codes, so they are counted (one all-reduce) before the first forward, and every micro-batch's backward
+contributes its exact share; the result does not depend on how the global batch is split over
+micro-batches or processes.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,63 +38,24 @@ from finetune.distributed import (
     select_device,
 )
 from finetune.eval import evaluate
-from finetune.loss import LossTerms, loss_weight_sums_from_codes, train_output_loss_terms
+from finetune.loss import LossFn, LossTerms
+from finetune.model_build import dtype_policy
+from finetune.model_family import ModelFamily, model_family
 from finetune.monitoring import MetricsLogger, ThroughputMeter, format_eval_line, format_train_line
-from finetune.monitoring.utils import allocated_memory_gib, eta_seconds, peak_memory_gib
-from finetune.wrapped_model import build_model, default_param_groups, dtype_policy, resolve_checkpoint_info
+from finetune.monitoring.flops import peak_flops
+from finetune.monitoring.utils import (
+    StepTimer,
+    StepTiming,
+    allocated_memory_gib,
+    eta_seconds,
+    peak_memory_gib,
+)
 
 logger = logging.getLogger("train")
 
 
 class NonFiniteError(FloatingPointError):
     """Loss or gradient norm became NaN/inf; training stops before the optimizer applies it."""
-
-
-# ----------------------------------------------------------------------------- loss
-
-
-class LossFn(Protocol):
-    def weight_sums(self, codes: torch.Tensor) -> torch.Tensor: ...  # [2]: text, audio weight sums
-
-    def token_counts(self, codes: torch.Tensor) -> torch.Tensor: ...  # [2]: positions with a target, all
-
-    def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms: ...
-
-    def begin_step(self, step: int) -> None: ...  # before the step's first `weight_sums` (1-based step)
-
-
-class MoshiLoss:
-    """Reference 5.4 on an `LMModel`: forward, then the masked weighted CE of text and audio."""
-
-    def __init__(self, delays: Sequence[int], dep_q: int, first_codebook_weight_multiplier: float,
-                 text_padding_weight: float, text_padding_ids: Sequence[int] = (3, 0)) -> None:
-        self.delays = list(delays)
-        self.dep_q = dep_q
-        self.beta = first_codebook_weight_multiplier
-        self.alpha = text_padding_weight
-        self.pad_ids = tuple(text_padding_ids)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, args: TrainArgs) -> MoshiLoss:
-        return cls(model.delays, model.dep_q, args.first_codebook_weight_multiplier, args.text_padding_weight,
-                   (model.existing_text_padding_id, model.existing_text_end_padding_id))
-
-    def weight_sums(self, codes: torch.Tensor) -> torch.Tensor:
-        wt, wa = loss_weight_sums_from_codes(codes, self.delays, self.dep_q, self.beta, self.alpha, self.pad_ids)
-        return torch.stack([wt, wa])
-
-    def token_counts(self, codes: torch.Tensor) -> torch.Tensor:
-        """``[real, all]`` predicted positions (upstream's `prob_real_tokens` = real / all)."""
-        wt, wa = loss_weight_sums_from_codes(codes, self.delays, self.dep_q, 1.0, 1.0, ())
-        total = codes.shape[0] * codes.shape[-1] * (1 + self.dep_q)
-        return torch.stack([wt + wa, wt.new_tensor(float(total))])
-
-    def begin_step(self, step: int) -> None:
-        """Moshi's loss is the same on every step (DSAA's skips the audio part on some)."""
-
-    def __call__(self, model: nn.Module, codes: torch.Tensor) -> LossTerms:
-        # forward_train leaves the text head to the fused chunked CE: no [B, T, V] float32 logits.
-        return train_output_loss_terms(model.forward_train(codes), codes, self.beta, self.alpha, self.pad_ids)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -107,7 +67,12 @@ class StepResult:
     text_loss: float
     audio_loss: float
     grad_norm: float
-    real_token_fraction: float  # positions with a target / all predicted positions, over ranks
+    real_tokens: float  # predicted positions with a target, summed over micro-batches and ranks
+    all_tokens: float  # all predicted positions (padding included), summed over micro-batches and ranks
+
+    @property
+    def real_token_fraction(self) -> float:
+        return self.real_tokens / max(self.all_tokens, 1.0)
 
 
 def train_step(
@@ -149,8 +114,7 @@ def train_step(
                              "last checkpoint)")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_f, float(terms.text_loss), float(terms.audio_loss), norm_f,
-                      float(acc[4] / acc[5].clamp_min(1)))
+    return StepResult(loss_f, float(terms.text_loss), float(terms.audio_loss), norm_f, float(acc[4]), float(acc[5]))
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -233,26 +197,22 @@ class DataComponents:
     make_eval: Callable[[], Any] | None
 
 
-DataFactory = Callable[[TrainArgs, Any, torch.device, nn.Module], DataComponents]
+DataFactory = Callable[[TrainArgs, ModelFamily, torch.device, nn.Module], DataComponents]
 
 
-def default_data_factory(args: TrainArgs, info: Any, device: torch.device, model: nn.Module) -> DataComponents:
-    """Mimi (frozen, eval, float32) + text tokenizer + codes store → the train loader and an eval builder."""
+def default_data_factory(args: TrainArgs, family: ModelFamily, device: torch.device, model: nn.Module
+                         ) -> DataComponents:
+    """Mimi (frozen, eval, float32) + the family's text tokenizer + codes store → train loader, eval builder."""
     from finetune.data.dataset import build_codes_store, build_eval_loader, build_train_loader
-    from finetune.data.text_tokenizer import load_text_tokenizer
     from moshi.models import loaders
 
+    info = family.info
     n_q = int(getattr(model, "n_q", 16))
     mimi = loaders.get_mimi(info.mimi_weights, mimi_config=info.mimi_config, device=device, num_codebooks=n_q // 2)
     mimi.eval()
     for p in mimi.parameters():
         p.requires_grad_(False)
-    if args.text_llm.enable:
-        from finetune.dsaa_training import dsaa_text_tokenizer
-
-        tokenizer = dsaa_text_tokenizer(args, info, model)  # the checkpoint's tokenizer/, ids checked
-    else:
-        tokenizer = load_text_tokenizer(args, spm_path=info.tokenizer)
+    tokenizer = family.text_tokenizer(model)
     store = build_codes_store(args, mimi, device=device)
     rank, world = get_rank(), get_world_size()
     train = build_train_loader(args, tokenizer, store, rank, world)
@@ -271,38 +231,33 @@ def batch_codes(batch: Any) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the recipe
 
 
+FaultHook = Callable[[str, int], None]
+
+
 class Trainer:
     """Config → components → loop → close. Every rank builds one.
 
     Args:
         args (TrainArgs): validated configuration.
         data_factory: builds the data iterators (tests inject synthetic data).
-        build_model_fn, param_groups_fn, loss_factory: replaceable components; None: Moshi's, or the DSAA
-            ones of `finetune.dsaa_training` when `text_llm.enable` (which also writes DSAA exports).
+        family (ModelFamily | None): the model family; None: the one `args` selects.
         device (str | None): "cpu"/"cuda"/None (auto).
+        fault_hook: called as ``hook(point, step)`` at ``"after_checkpoint"`` and inside each checkpoint
+            write (see `Checkpointer`); the crash-and-resume tests use it to kill the process there.
     """
 
     def __init__(
         self,
         args: TrainArgs,
         data_factory: DataFactory = default_data_factory,
-        build_model_fn: Callable[..., nn.Module] | None = None,
-        param_groups_fn: Callable[[nn.Module, TrainArgs], list[dict[str, Any]]] | None = None,
-        loss_factory: Callable[[nn.Module, TrainArgs], LossFn] | None = None,
+        family: ModelFamily | None = None,
         device: str | None = None,
+        fault_hook: FaultHook | None = None,
     ) -> None:
         self.args = args
         self.data_factory = data_factory
-        self.dsaa = args.text_llm.enable
-        if self.dsaa:
-            from finetune import dsaa_training as dsaa
-
-            defaults = (dsaa.build_dsaa_for_training, dsaa.dsaa_param_groups, dsaa.DSAALoss.for_model)
-        else:
-            defaults = (build_model, default_param_groups, MoshiLoss.for_model)
-        self.build_model_fn = build_model_fn or defaults[0]
-        self.param_groups_fn = param_groups_fn or defaults[1]
-        self.loss_factory = loss_factory or defaults[2]
+        self._family = family
+        self.fault_hook = fault_hook
         self.device = select_device(device or os.environ.get("MOSHI_FT_DEVICE"))
         init_distributed(self.device)
         self.run_dir = Path(args.run_dir)
@@ -330,12 +285,14 @@ class Trainer:
         )
         self.eval_metrics = MetricsLogger(self.run_dir, "eval", is_main(), tensorboard=a.tensorboard,
                                           wandb_project=a.wandb.project)
-        self.info = resolve_checkpoint_info(a)
-        self.model = self.build_model_fn(a, self.info, self.device)
-        self.loss_fn = self.loss_factory(self.model, a)
-        self.data = self.data_factory(a, self.info, self.device, self.model)
+        self.family = self._family if self._family is not None else model_family(a)
+        self.info = self.family.info
+        self.model = self.family.build(self.device)
+        self.loss_fn = self.family.loss(self.model)
+        self.data = self.data_factory(a, self.family, self.device, self.model)
         self.train_iter: Iterator[Any] = iter(self.data.train)
-        self.optimizer = build_optimizer(self.param_groups_fn(self.model, a), self.device)
+        self.optimizer = build_optimizer(self.family.param_groups(self.model), self.device)
+        self.peak_flops = peak_flops(self.device)
         self.scheduler = build_scheduler(self.optimizer, a)
         lora = a.lora is not None and a.lora.enable and not a.full_finetuning
         base_config = self.info.raw_config if self.info.raw_config is not None else _default_raw_config()
@@ -344,16 +301,11 @@ class Trainer:
             lora_rank=a.lora.rank if a.lora else 0, lora_scaling=a.lora.scaling if a.lora else 0.0,
             save_adapters=a.save_adapters, export_dtype=dtype_policy(a.param_dtype, self.device).export,
             num_ckpt_keep=a.num_ckpt_keep, fingerprint=a.resume_fingerprint(),
-            export_writer=self._dsaa_export_writer() if self.dsaa else None,
+            export_writer=self.family.export_writer(self.model), fault_hook=self.fault_hook,
         )
         if want_resume:
             self._resume()
         self.model.train()
-
-    def _dsaa_export_writer(self) -> Any:
-        from finetune.dsaa_training import dsaa_export_writer
-
-        return dsaa_export_writer(self.args, self.info, self.model)
 
     def _resume(self) -> None:
         folder = latest_resumable(self.run_dir)
@@ -383,36 +335,35 @@ class Trainer:
     def train(self) -> None:
         a = self.args
         total = a.total_steps
-        tokens_per_micro = None
         last: StepResult | None = None
+        timer = StepTimer()
         while self.step < total:
             self.step += 1
+            timer.start()
             batches = [batch_codes(next(self.train_iter)).to(self.device, non_blocking=True)
                        for _ in range(a.num_microbatches)]
-            self.meter.start()  # data loading is reported separately, not in tokens/s
+            timer.data_ready()
             lr = self.optimizer.param_groups[0]["lr"]
             last = train_step(self.model, self.optimizer, batches, self.loss_fn, a.max_norm, self.step)
             self.scheduler.step()
-            eval_metrics = None
+            timing = timer.stop()  # train_step synced (loss to host); eval and checkpoints come after
+            frames = sum(b.shape[0] * b.shape[-1] for b in batches)
+            world = get_world_size()
+            self.meter.add(timing, round(last.all_tokens / world), last.real_tokens / world)
+            if self.step % a.log_freq == 0 or self.step == total:
+                self._log_train(last, lr, timing, frames, batches[0].shape[-1])
             if a.do_eval and self.data.make_eval is not None and self._is_due(a.eval_freq):
                 eval_metrics = self._evaluate(last.loss)
-            tokens_per_micro = sum(b.shape[0] * b.shape[-1] for b in batches) * (1 + self.model_dep_q)
-            dt, wps = self.meter.stop(tokens_per_micro)
-            if self.step % a.log_freq == 0 or self.step == total:
-                self._log_train(last, lr, wps)
-            if eval_metrics is not None and self.eval_metrics is not None:
-                self.eval_metrics.log(eval_metrics, self.step)
+                if self.eval_metrics is not None:
+                    self.eval_metrics.log(eval_metrics, self.step)
                 logger.info(format_eval_line(eval_metrics | {"step": self.step}))
             if a.do_ckpt and self._is_due(a.ckpt_freq):
                 assert self.checkpointer is not None
                 self.checkpointer.save(self.step, self._rank_state())
-                _maybe_kill_after_checkpoint(self.step)
+                if self.fault_hook is not None:
+                    self.fault_hook("after_checkpoint", self.step)
         if last is not None:
             logger.info("done: %d steps, final loss %.4f", self.step, last.loss)
-
-    @property
-    def model_dep_q(self) -> int:
-        return int(getattr(self.loss_fn, "dep_q", 8))
 
     def _evaluate(self, train_loss: float) -> dict[str, float]:
         a = self.args
@@ -422,14 +373,20 @@ class Trainer:
         result = evaluate(self.model, batches, self.loss_fn, self.device, max_batches_per_rank=per_rank)
         return result.as_metrics(train_loss)
 
-    def _log_train(self, r: StepResult, lr: float, wps: float) -> None:
+    def _log_train(self, r: StepResult, lr: float, timing: StepTiming, frames: int, seq_len: int) -> None:
         a = self.args
+        world = get_world_size()
+        mfu = None
+        if self.peak_flops:
+            mfu = self.family.flops_per_frame(seq_len) * frames / timing.seconds / self.peak_flops
         m = {
             "lr": lr, "loss": r.loss, "text_loss": r.text_loss, "audio_loss": r.audio_loss,
             "grad_norm": r.grad_norm, "prob_real_tokens": r.real_token_fraction,
             "percent_done": 100.0 * self.step / a.total_steps,
             "peak_allocated_mem": peak_memory_gib(self.device), "allocated_mem": allocated_memory_gib(self.device),
-            "wps": wps, "avg_wps": self.meter.avg_wps,
+            "wps": r.all_tokens / world / timing.seconds, "real_wps": r.real_tokens / world / timing.seconds,
+            "avg_wps": self.meter.avg_wps, "avg_real_wps": self.meter.avg_real_wps, "mfu": mfu,
+            "step_seconds": timing.seconds, "data_share": timing.data_seconds / timing.seconds,
             "eta_in_seconds": eta_seconds(self.step, a.total_steps, self.meter),
         }
         if self.train_metrics is not None:
@@ -445,15 +402,6 @@ class Trainer:
         close = getattr(getattr(self, "data", None), "close", None)
         if callable(close):
             close()
-
-
-def _maybe_kill_after_checkpoint(step: int) -> None:
-    """Test hook: `MOSHI_FT_KILL_AFTER_CHECKPOINT=N` SIGKILLs the process right after checkpoint N."""
-    if os.environ.get("MOSHI_FT_KILL_AFTER_CHECKPOINT") == str(step):
-        import signal
-
-        logger.warning("test hook: SIGKILL after checkpoint %d", step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _default_raw_config() -> dict[str, Any]:

@@ -12,8 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from finetune.args import ConfigError, TrainArgs
-from finetune.dsaa_training import DSAALoss, dsaa_param_groups, prepare_for_training
 from finetune.loss import moshi_loss_terms
+from finetune.model_family import DSAAFamily
 from finetune.trainer import build_optimizer, build_scheduler, train_step
 from moshi.models.dsaa_loading import load_dsaa_model
 from tests.dsaa.tiny_llm import random_codes, tiny_dsaa
@@ -44,12 +44,13 @@ def _top(name: str) -> str:
 def test_steps_change_only_the_trained_groups_at_their_peak_lr(tmp_path, only_text):
     args = _args(tmp_path, only_text=only_text)
     model = tiny_dsaa(max_pos=16)
-    groups = prepare_for_training(model, args, torch.float32)
+    family = DSAAFamily(args)
+    groups = family.prepare(model, torch.float32)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = build_optimizer(dsaa_param_groups(model, args), torch.device("cpu"))
+    opt = build_optimizer(family.param_groups(model), torch.device("cpu"))
     sched = build_scheduler(opt, args)
-    loss_fn = DSAALoss.for_model(model, args)
+    loss_fn = family.loss(model)
     codes = random_codes(model, batch=2, steps=8)
     for step in range(1, 4):
         train_step(model, opt, [codes], loss_fn, max_norm=1.0, step=step)
@@ -69,7 +70,7 @@ def test_steps_change_only_the_trained_groups_at_their_peak_lr(tmp_path, only_te
     peaks = {g["name"]: g["max_lr"] for g in opt.param_groups}
     assert peaks == {"proj": 1e-2, "finetune": 3e-3}
     seen = {g["name"]: [] for g in opt.param_groups}
-    probe = build_optimizer(dsaa_param_groups(model, args), torch.device("cpu"))
+    probe = build_optimizer(family.param_groups(model), torch.device("cpu"))
     probe_sched = build_scheduler(probe, args)
     for _ in range(args.total_steps):
         for g in probe.param_groups:
@@ -91,10 +92,11 @@ def test_steps_change_only_the_trained_groups_at_their_peak_lr(tmp_path, only_te
 def test_audio_loss_is_skipped_every_n_steps_in_training_only(tmp_path):
     args = _args(tmp_path, audio_loss_skip_every=4)
     model = tiny_dsaa(max_pos=16)
-    prepare_for_training(model, args, torch.float32)
-    loss_fn = DSAALoss.for_model(model, args)
+    family = DSAAFamily(args)
+    family.prepare(model, torch.float32)
+    loss_fn = family.loss(model)
     assert [s for s in range(1, 13) if loss_fn.skips_audio(s)] == [4, 8, 12]
-    assert not any(DSAALoss.for_model(model, _args(tmp_path)).skips_audio(s) for s in range(1, 13))
+    assert not any(DSAAFamily(_args(tmp_path)).loss(model).skips_audio(s) for s in range(1, 13))
     codes = random_codes(model, batch=2, steps=8)
     model.train()
 
@@ -121,13 +123,14 @@ def test_audio_loss_is_skipped_every_n_steps_in_training_only(tmp_path):
 def test_chunked_text_loss_equals_the_full_logits_loss(tmp_path):
     args = _args(tmp_path, text_padding_weight=0.3)
     model = tiny_dsaa(max_pos=16)
-    prepare_for_training(model, args, torch.float32)
+    family = DSAAFamily(args)
+    family.prepare(model, torch.float32)
     model.eval()  # no dropout: both passes see the same function
     codes = random_codes(model, batch=2, steps=9, seed=3)
     codes[0, 0, ::3] = model.pad_id  # PAD targets get text_padding_weight
     codes[1, 0, 1] = model.epad_id
     codes[1, 0, 5] = -1  # no target
-    loss_fn = DSAALoss.for_model(model, args)
+    loss_fn = family.loss(model)
     loss_fn.chunk_rows = 4  # several chunks and a ragged last one
 
     def run(fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -231,18 +234,15 @@ def test_train_writes_a_dsaa_checkpoint_that_loads_offline_with_the_trained_logi
 def test_a_text_llm_token_key_changed_after_setup_is_refused_naming_the_key(tmp_path, dsaa_run_config):
     from types import SimpleNamespace
 
-    from finetune.dsaa_training import dsaa_text_tokenizer
-    from finetune.wrapped_model import resolve_checkpoint_info
-
     cfg, weights, _ = dsaa_run_config
     block = json.loads((weights / "config.json").read_text())["dsaa"]
     model = SimpleNamespace(pad_id=block["pad_id"], epad_id=block["epad_id"], bos_id=block["bos_id"])
     args = TrainArgs.from_dict(cfg)
-    tok = dsaa_text_tokenizer(args, resolve_checkpoint_info(args), model)
+    tok = DSAAFamily(args).text_tokenizer(model)
     assert (tok.pad_id, tok.epad_id, tok.bos_id) == (model.pad_id, model.epad_id, model.bos_id)
     args = TrainArgs.from_dict(dict(cfg, text_llm=dict(cfg["text_llm"], pad_token="<|im_end|>")))
     with pytest.raises(ValueError, match=r"text_llm\.pad_token: id \d+ from the tokenizer, \d+ in the model"):
-        dsaa_text_tokenizer(args, resolve_checkpoint_info(args), model)
+        DSAAFamily(args).text_tokenizer(model)
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from finetune.args import ConfigError, TrainArgs
 from finetune.checkpointing import ResumeMismatchError, latest_resumable
-from finetune.trainer import MoshiLoss, Trainer, build_optimizer, train_step
-from finetune.wrapped_model import build_model, default_param_groups, resolve_checkpoint_info
+from finetune.loss import MoshiLoss
+from finetune.model_family import MoshiFamily
+from finetune.trainer import Trainer, build_optimizer, train_step
 from moshi.models.loaders import CheckpointInfo
 from tests.helpers.tiny_run import REPO, make_tiny_assets, run_trainer, tiny_config
 
@@ -48,10 +49,11 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
-def _run_subprocess(cfg_path: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
-    return subprocess.run([sys.executable, "-m", "train", str(cfg_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+def _run_killed(cfg_path: Path, point: str, step: int) -> subprocess.CompletedProcess:
+    """Trains `cfg_path` in a subprocess that SIGKILLs itself at fault point `point` of step `step`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "tests.helpers.crash_run", str(cfg_path), point, str(step)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -60,16 +62,17 @@ def test_fixed_batch_is_overfit(assets, tmp_path, mode):
     args = _args(assets, tmp_path / "run", None, **overrides)
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = build_model(args, resolve_checkpoint_info(args), device)
+    family = MoshiFamily(args)
+    model = family.build(device)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     if mode == "lora":
         assert trained and all("lora" in n for n in trained)
     else:
         assert trained == {n for n, _ in model.named_parameters()}
-    opt = build_optimizer(default_param_groups(model, args), device)
+    opt = build_optimizer(family.param_groups(model), device)
     for g in opt.param_groups:
         g["lr"] = 1e-2
-    loss_fn = MoshiLoss.for_model(model, args)
+    loss_fn = family.loss(model)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, model.card, (2, 1 + model.n_q, 25), generator=g)
     codes[:, 0] = torch.randint(0, model.text_card, (2, 25), generator=g)
@@ -117,14 +120,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(assets, tmp_path, cach
     cfg = tiny_config(assets, killed, cache_dir, max_steps=6)
     cfg_path = _write_yaml(tmp_path / "killed.yaml", cfg)
     # 1) killed while writing checkpoint 4: checkpoint 2 must stay the resumable one
-    r = _run_subprocess(cfg_path, {"MOSHI_FT_KILL_IN_CHECKPOINT": "before_rename:4"})
+    r = _run_killed(cfg_path, "before_rename", 4)
     assert r.returncode == -9, r.stderr[-2000:]
     assert latest_resumable(killed).name == "checkpoint_000002"
     assert not (killed / "checkpoints" / "checkpoint_000004").exists()
     # 2) resumed, then killed right after checkpoint 4 is complete
     cfg["resume"] = True
     _write_yaml(cfg_path, cfg)
-    r = _run_subprocess(cfg_path, {"MOSHI_FT_KILL_AFTER_CHECKPOINT": "4"})
+    r = _run_killed(cfg_path, "after_checkpoint", 4)
     assert r.returncode == -9, r.stderr[-2000:]
     assert latest_resumable(killed).name == "checkpoint_000004"
     # 3) resumed in-process to the end
@@ -201,7 +204,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
         model.text_linear.weight[0, 0] = float("inf")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss_fn = MoshiLoss(model.delays, model.dep_q, 1.0, 0.5)
+    loss_fn = MoshiLoss.for_model(model, 1.0, 0.5)
     codes = torch.randint(0, 32, (2, 5, 6))
     from finetune.trainer import NonFiniteError
 
