@@ -1,11 +1,11 @@
 """Training configuration: the YAML file, as nested dataclasses, validated once.
 
 Upstream's keys and defaults are kept (an existing `moshi_7B.yaml` loads unchanged), plus
-the trainer's resume/compile/cache keys and the DSAA keys of `design/dsaa.md`. Loading is
-our own small decoder instead of simple-parsing, so that every problem (unknown key, bad
-type, illegal combination) is collected with its dotted key and raised once, before
-anything touches the disk. Scalars are coerced as simple-parsing did: the YAML string
-`2e-6` becomes a float, `duration_sec: 100` becomes `100.0`.
+the trainer's resume/compile/cache keys and the DSAA keys. Loading is
+our own small decoder, so that every problem (unknown key, bad type, illegal combination)
+is collected with its dotted key and raised once, before anything touches the disk.
+Scalars are coerced from YAML strings: `2e-6` becomes a float, `duration_sec: 100`
+becomes `100.0`.
 
 `max_steps` has two meanings that coexist:
 
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft", ".sfts")
 SUPPORTED_PARAM_DTYPES = ("bfloat16", "float32")
+# Evaluation switches kept so existing configs load; setting one to true is refused until it is implemented.
+NOT_IMPLEMENTED_EVALS = ("do_eval_loss", "do_mmlu", "do_slm", "do_cd")
 
 
 class ConfigError(ValueError):
@@ -181,7 +183,9 @@ class DataArgs:
     null → no disk cache: codes are computed on first use and only kept in memory for
     the run. `python -m finetune.data.precompute CONFIG` fills the cache ahead of time.
     `merge_group`: sources (as written in `train_data`) forming the first, merged stage.
-    The remaining `*_data` keys feed the optional DSAA evaluations.
+    The remaining `*_data` keys are accepted and unused: they belong to the DSAA evaluations
+    (`do_eval_loss`, `do_mmlu`, `do_slm`, `do_cd`), which are not implemented yet and are
+    refused when switched on.
     """
 
     train_data: str = ""
@@ -427,6 +431,10 @@ def _validate(a: TrainArgs) -> list[str]:
     for key in ("duration_sec", "eval_duration_sec", "max_norm"):
         if not getattr(a, key) > 0:
             e.append(f"{key} must be > 0, got {getattr(a, key)}")
+    for key in NOT_IMPLEMENTED_EVALS:
+        if getattr(a, key):
+            e.append(f"{key}: true is not implemented yet (the DSAA evaluations are planned); set it to false "
+                     "or remove it (its data.*_data keys are accepted but unused until then)")
     if a.audio_loss_skip_every < 0:
         e.append(f"audio_loss_skip_every must be >= 0 (0 = never skip), got {a.audio_loss_skip_every}")
     if not 0.0 <= a.optim.pct_start <= 1.0:
