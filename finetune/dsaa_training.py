@@ -32,7 +32,8 @@ from finetune.distributed import apply_fsdp, broadcast_object, get_rank, registe
 from finetune.loss import LossTerms, train_output_loss_terms
 from finetune.trainer import MoshiLoss
 from finetune.wrapped_model import compile_layers, dtype_policy, store_trained_in
-from moshi.models.dsaa import DSAAModel
+from moshi.models.dsaa import dsaa_param_groups as _dsaa_groups
+from moshi.models.dsaa import set_dsaa_trainable
 from moshi.models.dsaa_loading import (
     TOKENIZER_DIR,
     DSAABlock,
@@ -45,6 +46,7 @@ from moshi.models.dsaa_loading import (
     load_llm_tokenizer,
     save_dsaa_checkpoint,
 )
+from moshi.models.lm import LMModel as DSAAModel
 from moshi.models.loaders import CheckpointInfo
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 
@@ -69,9 +71,9 @@ def prepare_for_training(model: DSAAModel, args: TrainArgs, trained_dtype: torch
     """Freezes and unfreezes by the contract's groups and stores trained tensors in ``trained_dtype``.
 
     Returns:
-        ``{"proj": names, "finetune": names, "frozen": names}`` (``DSAAModel.set_trainable``).
+        ``{"proj": names, "finetune": names, "frozen": names}`` (``moshi.models.dsaa.set_dsaa_trainable``).
     """
-    groups = model.set_trainable(args.only_text, args.text_llm.frozen_modules)
+    groups = set_dsaa_trainable(model, args.only_text, args.text_llm.frozen_modules)
     store_trained_in(model, trained_dtype)
     set_gradient_checkpointing(model, args.gradient_checkpointing)
     counts = {g: sum(p.numel() for n, p in model.named_parameters() if n in set(names))
@@ -231,7 +233,7 @@ def dsaa_param_groups(model: nn.Module, args: TrainArgs) -> list[dict[str, Any]]
     """AdamW groups of the contract: ``proj`` at ``optim.proj_lr``/``proj_wd``, ``finetune`` at
     ``optim.finetune_lr``/``finetune_wd``. Frozen tensors (LLM, Moshi's temporal part, ``frozen_modules``)
     are in no group. The trainer's OneCycleLR uses each group's ``lr`` as its ``max_lr``."""
-    groups = model.param_groups(args.only_text, args.text_llm.frozen_modules)  # type: ignore[operator]
+    groups = _dsaa_groups(model, args.only_text, args.text_llm.frozen_modules)
     o = args.optim
     settings = {"proj": (o.proj_lr, o.proj_wd), "finetune": (o.finetune_lr, o.finetune_wd)}
     out = []
@@ -269,7 +271,7 @@ class DSAALoss(MoshiLoss):
     @classmethod
     def for_model(cls, model: nn.Module, args: TrainArgs) -> DSAALoss:
         return cls(list(model.delays), model.dep_q, args.first_codebook_weight_multiplier,
-                   args.text_padding_weight, (model.pad_id, model.epad_id), only_text=args.only_text,
+                   args.text_padding_weight, (model.text_padding_token_id, model.end_of_text_padding_id), only_text=args.only_text,
                    audio_loss_skip_every=args.audio_loss_skip_every)
 
     def skips_audio(self, step: int) -> bool:
@@ -313,8 +315,9 @@ def dsaa_text_tokenizer(args: TrainArgs, info: CheckpointInfo, model: nn.Module)
 
     folder = dsaa_tokenizer_dir(info)
     tok = load_text_tokenizer(args, hf_path=str(folder) if folder is not None else None)
-    pairs = (("pad_token", tok.pad_id, model.pad_id), ("epad_token", tok.epad_id, model.epad_id),
-             ("bos_token", tok.bos_id, model.bos_id))
+    pairs = (("pad_token", tok.pad_id, model.text_padding_token_id),
+             ("epad_token", tok.epad_id, model.end_of_text_padding_id),
+             ("bos_token", tok.bos_id, model.text_initial_token_id))
     bad = [f"text_llm.{key}: id {got} from the tokenizer, {want} in the model checkpoint"
            for key, got, want in pairs if int(got) != int(want)]
     if bad:

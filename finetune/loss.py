@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moshi.models.lm import LMTrainOutput
-from moshi.utils.recycled_buffers import gradient_buffer, recycled_empty
+from moshi.modules.lora import LoRALinear
 
 # Moshi's text PAD (3) and EPAD (0) ids; both are down-weighted by `text_padding_weight`.
 DEFAULT_TEXT_PADDING_IDS: tuple[int, ...] = (3, 0)
@@ -187,9 +188,16 @@ def train_output_loss_terms(
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])[keep]
 
-    extra = [(rows(h), w) for h, w in out.text_extra]
-    ts, tw = chunked_linear_cross_entropy(rows(out.text_hidden), out.text_head_weight, targets.reshape(-1)[keep],
-                                          w_text[keep], chunk_rows, bias=out.text_head_bias, extra=extra)
+    hidden = rows(out.text_hidden)
+    head = out.text_head
+    extra = []
+    if isinstance(head, LoRALinear):
+        extra.append((head.lora_A(hidden) * head.scaling, head.lora_B.weight))
+        head = head.frozen_W
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the chunked text loss needs a Linear (or LoRA) text head, got {type(head).__name__}")
+    ts, tw = chunked_linear_cross_entropy(hidden, head.weight, targets.reshape(-1)[keep],
+                                          w_text[keep], chunk_rows, bias=head.bias, extra=extra)
     if not with_audio:
         zero = ts.new_zeros(())
         return LossTerms(ts, tw, zero, zero)
@@ -268,8 +276,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=device) if need_b else None
         any_grad = any(need_h) or any(need_w) or need_b
         w_all = weights.float()
-        # One chunk's logits, in memory reused across calls on CPU (a fresh 64 MB block page-faults every step).
-        workspace = recycled_empty(heads[0], "ce_logits", (min(n, chunk_size), heads[0].shape[0]), hiddens[0].dtype)
+        # One chunk's logits buffer, reused by every chunk of this call.
+        workspace = torch.empty((min(n, chunk_size), heads[0].shape[0]), dtype=hiddens[0].dtype, device=device)
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
             rows = [h[start:stop] for h in hiddens]
@@ -300,7 +308,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     torch.mm(g, head, out=grad_h[i][start:stop])
                 if need_w[i]:  # accumulate in float32 in place: no [V, D] temporary per chunk
                     if grad_w[i] is None:
-                        grad_w[i] = torch.mm(g.t().float(), h.float(), out=gradient_buffer(head, torch.float32))
+                        grad_w[i] = torch.mm(g.t().float(), h.float())
                     else:
                         grad_w[i].addmm_(g.t().float(), h.float())
         saved = list(grad_h)

@@ -183,19 +183,14 @@ def test_default_chunk_rows_bounds_the_chunk_logits():
     assert default_chunk_rows(1_000) == 16777
 
 
-def test_chunked_linear_ce_reuses_its_logits_buffer_and_gives_the_same_numbers_in_every_call(monkeypatch):
-    from moshi.utils import recycled_buffers
-
-    monkeypatch.setattr(recycled_buffers, "MIN_RECYCLED_BYTES", 0)  # recycle this tiny head too
+def test_chunked_linear_ce_gives_the_same_numbers_in_every_call():
     torch.manual_seed(0)
     h, w = torch.randn(10, 6, requires_grad=True), torch.randn(7, 6, requires_grad=True)
     y, wts = torch.randint(0, 7, (10,)), torch.rand(10)
     results = []
-    for chunk in (4, 4, 3, 10):  # a bigger chunk after smaller ones replaces the buffer
+    for chunk in (4, 4, 3, 10):
         total, _ = chunked_linear_cross_entropy(h, w, y, wts, chunk)
         results.append((total.detach(), *torch.autograd.grad(total, (h, w))))
-        buffer = recycled_buffers._entries[(id(w), "ce_logits")].buffer
-        assert buffer.numel() >= chunk * 7
     ref = F.cross_entropy(h @ w.t(), y, reduction="none") @ wts
     ref_grads = torch.autograd.grad(ref, (h, w))
     for total, gh, gw in results:
@@ -203,7 +198,7 @@ def test_chunked_linear_ce_reuses_its_logits_buffer_and_gives_the_same_numbers_i
         torch.testing.assert_close(gh, ref_grads[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gw, ref_grads[1], atol=1e-5, rtol=1e-5)
     first, again = results[0], results[1]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the reused buffer leaks nothing between calls
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # same op, same shapes: same bits
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -110,10 +110,6 @@ def test_unknown_config_key_is_refused_naming_it(key):
 def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match="delays"):
         LMModel(**small_lm_kwargs(delays=[0, 1]))
-    with pytest.raises(ValueError, match="depformer_num_layers"):
-        kwargs = small_lm_kwargs()
-        del kwargs["depformer_num_layers"]
-        LMModel(**kwargs)
     with pytest.raises(ValueError, match="'batch_norm'"):
         LMModel(**small_lm_kwargs(norm="batch_norm"))
 
@@ -319,11 +315,7 @@ def test_forward_train_gives_forward_outputs_with_the_text_head_unapplied(overri
         out = model(codes)
         train = model.forward_train(codes)
     assert train.text_hidden.shape == (2, 1, 7, 64)
-    assert (train.text_head_bias is not None) == ("bias_proj" in overrides)
-    assert len(train.text_extra) == int(lora)
-    if lora:
-        low, weight = train.text_extra[0]
-        assert low.shape == (2, 1, 7, 4) and weight is model.text_linear.lora_B.weight
+    assert train.text_head is model.text_linear
     torch.testing.assert_close(train.full_text_logits(), out.text_logits, equal_nan=True, rtol=1e-5, atol=1e-6)
     assert torch.equal(train.text_mask, out.text_mask)
     assert torch.equal(train.mask, out.mask)
