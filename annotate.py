@@ -41,11 +41,11 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 
-from finetune.atomic import atomic_write_json, atomic_write_text
 from finetune.data.alignments import MAIN_SPEAKER, AlignedWord, alignment_path_for, write_alignments
 from finetune.data.audio import read_audio, resample
 from finetune.data.manifest import read_manifest
 from finetune.logging_utils import setup_logging
+from moshi.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("annotate")
 

@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from moshi.models.dsaa import DSAA_MODULES, REMOVED_MOSHI_MODULES, DSAAModel, initialize_dsaa_modules
+from moshi.models.dsaa import (
+    DSAA_MODULES,
+    REMOVED_MOSHI_MODULES,
+    dsaa_dims,
+    dsaa_param_group_prefixes,
+    initialize_dsaa_modules,
+)
 from moshi.models.dsaa_loading import (
     DSAABlock,
     TextLLMSpec,
@@ -38,12 +44,11 @@ from moshi.models.dsaa_loading import (
     save_dsaa_checkpoint,
 )
 from moshi.models.dsaa_tokens import SpecialTokens, resolve_special_tokens
+from moshi.models.lm import LMModel
 from moshi.models.loaders import _NON_LM_CONFIG_KEYS, MOSHI_NAME, _config_file, default_lm_kwargs, hf_get
+from moshi.utils.dtypes import DTYPES
 
 logger = logging.getLogger("setup_new_model")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 @dataclass
 class MoshiSource:
@@ -100,7 +105,7 @@ def assemble(
     spec: TextLLMSpec,
     seed: int,
     keep_adapters: bool = False,
-) -> tuple[DSAAModel, Any, SpecialTokens, dict[str, str]]:
+) -> tuple[LMModel, Any, SpecialTokens, dict[str, str]]:
     """Builds the DSAA model in float32 on CPU. Returns ``(model, tokenizer, special tokens, origin per module)``."""
     llm = load_llm(spec, dtype=torch.float32)
     tokenizer = load_llm_tokenizer(spec)
@@ -157,7 +162,7 @@ def assemble(
     return model.eval(), tokenizer, special, origin
 
 
-def _reusable_adapters(model: DSAAModel, source: MoshiSource, spec: TextLLMSpec) -> list[str]:
+def _reusable_adapters(model: LMModel, source: MoshiSource, spec: TextLLMSpec) -> list[str]:
     """DSAA modules whose source tensors can be kept: same LLM (repo and revision when the source says) and
     every tensor of the module present with the same shape."""
     if source.kind != "dsaa":
@@ -181,16 +186,16 @@ def _reusable_adapters(model: DSAAModel, source: MoshiSource, spec: TextLLMSpec)
     return kept
 
 
-def summary(model: DSAAModel, special: SpecialTokens, origin: dict[str, str]) -> str:
+def summary(model: LMModel, special: SpecialTokens, origin: dict[str, str]) -> str:
     """Dims, special tokens and one row per module: origin, parameter count, trainable or frozen."""
-    d = model.dims
+    d = dsaa_dims(model)
     lines = [
         f"dims: D_m={d.dim} D_d={d.depformer_dim} D_l={d.text_dim} V_in={d.text_in_vocab} V={d.text_vocab} "
         f"H={d.proj_hidden} P={d.num_projectors} n_q={d.n_q} dep_q={d.dep_q} card={d.card}",
         f"special tokens: PAD={special.pad_id} {special.pad_str!r}  EPAD={special.epad_id} {special.epad_str!r}  "
         f"BOS={special.bos_id} {special.bos_str!r}",
     ]
-    groups = model.param_groups_prefixes()
+    groups = dsaa_param_group_prefixes(model)
     group_of = {name: group for group, names in groups.items() for name in names}
     rows = [("module", "origin", "params", "default group")]
     for name, module in model.named_children():

@@ -207,13 +207,16 @@ def build_dsaa(kwargs: dict, llm_kwargs: dict, gc: bool, device: torch.device, c
 
 
 def run_dsaa_case(name: str, device: torch.device, warmup: int, steps: int, compile_: bool) -> dict:
+    from moshi.models.dsaa import dsaa_dims
+
     kwargs, llm_kwargs, batch, frames, gc = DSAA_CASES[name]
     kwargs = default_lm_kwargs() if kwargs is None else dict(kwargs)
     model, family = build_dsaa(kwargs, llm_kwargs, gc, device, compile_)
     model.train()
     opt = build_optimizer(family.param_groups(model), device)
     loss_fn = family.loss(model)
-    codes = [random_codes(model, batch, frames, device, s, text_vocab=model.dims.text_in_vocab) for s in range(2)]
+    codes = [random_codes(model, batch, frames, device, s, text_vocab=dsaa_dims(model).text_in_vocab)
+             for s in range(2)]
     return time_steps(f"train_step/{name}", model, opt, loss_fn, codes, device, warmup, steps,
                       {"batch": batch, "frames": frames, "gradient_checkpointing": gc, "compile": compile_,
                        "llm": f"Qwen2 D_l={llm_kwargs['hidden_size']} V={llm_kwargs['vocab_size']} "

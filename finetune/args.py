@@ -35,8 +35,8 @@ from typing import Any, Union
 
 import yaml
 
-from finetune.atomic import atomic_write_text
 from moshi.models.dsaa_config import TextLLMSpec
+from moshi.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from finetune.distributed import any_rank, barrier, get_rank, get_world_size, is_main
+from moshi.utils.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from torch import nn
 
 from moshi.models.lm import LMTrainOutput
 from moshi.modules.lora import LoRALinear
+from moshi.utils.constants import MOSHI_TEXT_END_PADDING_ID, MOSHI_TEXT_PADDING_ID
 
-# Moshi's text PAD (3) and EPAD (0) ids; both are down-weighted by `text_padding_weight`.
-DEFAULT_TEXT_PADDING_IDS: tuple[int, ...] = (3, 0)
+# The text targets down-weighted by `text_padding_weight` unless a model names its own: Moshi's PAD and EPAD.
+MOSHI_PADDING_IDS: tuple[int, ...] = (MOSHI_TEXT_PADDING_ID, MOSHI_TEXT_END_PADDING_ID)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def weighted_cross_entropy(
 
 def text_loss_weights(
     targets: torch.Tensor, mask: torch.Tensor, text_padding_weight: float,
-    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+    text_padding_ids: Sequence[int] = MOSHI_PADDING_IDS,
 ) -> torch.Tensor:
     """Per-position text weights ``[B, 1, T]`` (float32): mask × (α for PAD/EPAD targets, else 1)."""
     is_pad = torch.zeros_like(targets, dtype=torch.bool)
@@ -145,7 +146,7 @@ def moshi_loss_terms(
     codes: torch.Tensor,
     first_codebook_weight_multiplier: float = 1.0,
     text_padding_weight: float = 0.5,
-    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+    text_padding_ids: Sequence[int] = MOSHI_PADDING_IDS,
 ) -> LossTerms:
     """The loss terms of one micro-batch from an ``LMOutput``'s fields and the input codes.
 
@@ -171,7 +172,7 @@ def train_output_loss_terms(
     codes: torch.Tensor,
     first_codebook_weight_multiplier: float = 1.0,
     text_padding_weight: float = 0.5,
-    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+    text_padding_ids: Sequence[int] = MOSHI_PADDING_IDS,
     chunk_rows: int | None = None,
     with_audio: bool = True,
 ) -> LossTerms:
@@ -205,7 +206,7 @@ def loss_weight_sums_from_codes(
     dep_q: int,
     first_codebook_weight_multiplier: float = 1.0,
     text_padding_weight: float = 0.5,
-    text_padding_ids: Sequence[int] = DEFAULT_TEXT_PADDING_IDS,
+    text_padding_ids: Sequence[int] = MOSHI_PADDING_IDS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(text, audio)`` weight sums :func:`moshi_loss_terms` will find, computed before the forward.
 

@@ -33,11 +33,9 @@ from finetune.distributed import (
 )
 from moshi.models.loaders import CheckpointInfo
 from moshi.modules.transformer import StreamingTransformerLayer
+from moshi.utils.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 @dataclass
 class DtypePolicy:

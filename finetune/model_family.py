@@ -21,6 +21,7 @@ from finetune.args import TrainArgs
 from finetune.loss import MoshiLoss
 from finetune.model_build import build_model, resolve_checkpoint_info, store_trained_in
 from finetune.monitoring.flops import flops_per_frame, llm_flops_per_token
+from moshi.models.dsaa import dsaa_param_groups, set_dsaa_trainable
 from moshi.models.dsaa_loading import (
     DSAABlock,
     TextLLMSpec,
@@ -231,7 +232,7 @@ class DSAAFamily(ModelFamily):
         """Sets the groups' trainability (returned: ``{"proj", "finetune", "frozen"}`` parameter names), stores
         trained tensors in ``trained_dtype`` and applies ``gradient_checkpointing``."""
         a = self.args
-        groups = model.set_trainable(a.only_text, a.text_llm.frozen_modules)  # type: ignore[operator]
+        groups = set_dsaa_trainable(model, a.only_text, a.text_llm.frozen_modules)
         store_trained_in(model, trained_dtype)
         set_gradient_checkpointing(model, a.gradient_checkpointing)
         counts = {g: sum(p.numel() for n, p in model.named_parameters() if n in set(names))
@@ -258,7 +259,7 @@ class DSAAFamily(ModelFamily):
         """``proj`` at ``optim.proj_lr``/``proj_wd`` and ``finetune`` at ``optim.finetune_lr``/``finetune_wd``;
         frozen tensors (LLM, Moshi's temporal part, ``text_llm.frozen_modules``) are in no group."""
         a = self.args
-        groups = model.param_groups(a.only_text, a.text_llm.frozen_modules)  # type: ignore[operator]
+        groups = dsaa_param_groups(model, a.only_text, a.text_llm.frozen_modules)
         o = a.optim
         out = []
         for name, (lr, wd) in {"proj": (o.proj_lr, o.proj_wd), "finetune": (o.finetune_lr, o.finetune_wd)}.items():
@@ -303,8 +304,9 @@ class DSAAFamily(ModelFamily):
 
         folder = self.tokenizer_dir()
         tok = load_text_tokenizer(self.args, hf_path=str(folder) if folder is not None else None)
-        pairs = (("pad_token", tok.pad_id, model.pad_id), ("epad_token", tok.epad_id, model.epad_id),
-                 ("bos_token", tok.bos_id, model.bos_id))
+        pairs = (("pad_token", tok.pad_id, model.text_padding_token_id),
+                 ("epad_token", tok.epad_id, model.end_of_text_padding_id),
+                 ("bos_token", tok.bos_id, model.text_initial_token_id))
         bad = [f"text_llm.{key}: id {got} from the tokenizer, {want} in the model checkpoint"
                for key, got, want in pairs if int(got) != int(want)]
         if bad:

@@ -27,7 +27,6 @@ from typing import Sequence
 
 import numpy as np
 
-from finetune.atomic import atomic_write_json
 from finetune.data.alignments import (
     AlignedWord,
     AlignmentError,
@@ -37,6 +36,7 @@ from finetune.data.alignments import (
 )
 from finetune.data.audio import AudioReadError, frame_rms_db, read_audio, write_wav
 from finetune.data.manifest import ManifestEntry, read_manifest, write_manifest
+from moshi.utils.atomic import atomic_write_json
 
 logger = logging.getLogger("cut_out_user")
 

@@ -38,7 +38,6 @@ from typing import Sequence
 
 import numpy as np
 
-from finetune.atomic import atomic_write_json
 from finetune.data.alignments import (
     MAIN_SPEAKER,
     AlignedWord,
@@ -49,6 +48,7 @@ from finetune.data.alignments import (
 )
 from finetune.data.audio import AudioReadError, frame_rms_db, read_audio
 from finetune.data.manifest import read_manifest
+from moshi.utils.atomic import atomic_write_json
 
 logger = logging.getLogger("fix_alignments")
 

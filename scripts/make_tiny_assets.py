@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.atomic import atomic_save_safetensors, atomic_write_json
 from finetune.data.alignments import AlignedWord, write_alignments
 from finetune.data.audio import write_wav
 from finetune.data.manifest import write_manifest
+from moshi.utils.atomic import atomic_save_safetensors, atomic_write_json
 
 logger = logging.getLogger("make_tiny_assets")
 
@@ -132,7 +132,7 @@ def train_tokenizer(sentences: list[str], out: Path, vocab_size: int) -> None:
         unk_id=0, bos_id=1, eos_id=2, pad_id=3,  # Moshi's layout: PAD = 3; EPAD = 0 (the unk id)
         num_threads=1, minloglevel=2,
     )
-    from finetune.atomic import atomic_write_bytes
+    from moshi.utils.atomic import atomic_write_bytes
 
     atomic_write_bytes(out, model.getvalue())
 

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from finetune.atomic import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from finetune.data.alignments import (
     AlignedWord,
     AlignmentError,
@@ -16,6 +15,7 @@ from finetune.data.alignments import (
 )
 from finetune.data.audio import AudioReadError, read_audio, resample, write_wav
 from finetune.data.manifest import ManifestError, read_manifest, write_manifest
+from moshi.utils.atomic import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 
 def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path, monkeypatch):
@@ -25,7 +25,7 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("finetune.atomic._fsync_file", boom)
+    monkeypatch.setattr("moshi.utils.atomic._fsync_file", boom)
     with pytest.raises(OSError):
         atomic_write_text(target, "half")
     assert json.loads(target.read_text()) == {"v": 1}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune.atomic import atomic_write_json
+from moshi.utils.atomic import atomic_write_json
 
 MAIN_SPEAKER = "SPEAKER_MAIN"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.atomic import atomic_path
+from moshi.utils.atomic import atomic_path
 
 
 class AudioReadError(ValueError):

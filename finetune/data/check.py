@@ -36,7 +36,6 @@ from typing import Sequence
 
 import numpy as np
 
-from finetune.atomic import atomic_write_json
 from finetune.data.alignments import (
     END_TOLERANCE_SEC,
     MAIN_SPEAKER,
@@ -46,6 +45,7 @@ from finetune.data.alignments import (
 )
 from finetune.data.audio import DB_FLOOR, AudioReadError, read_audio
 from finetune.data.manifest import ManifestEntry, ManifestError, read_manifest
+from moshi.utils.atomic import atomic_write_json
 
 MODEL_SAMPLE_RATE = 24000
 

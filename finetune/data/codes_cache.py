@@ -32,9 +32,9 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from finetune.atomic import atomic_save_safetensors, atomic_write_json
 from finetune.data.audio import AudioReadError, read_audio, resample
 from finetune.data.manifest import ManifestEntry
+from moshi.utils.atomic import atomic_save_safetensors, atomic_write_json
 
 logger = logging.getLogger(__name__)
 

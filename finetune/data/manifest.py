@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetune.atomic import atomic_write_text
+from moshi.utils.atomic import atomic_write_text
 
 
 class ManifestError(ValueError):

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.atomic import atomic_write_text
+from moshi.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

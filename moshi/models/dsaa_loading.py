@@ -1,4 +1,4 @@
-"""Building, loading and saving DSAA models (contract: "Checkpoint format" and "Loading rules").
+"""Building, loading and saving DSAA models (the checkpoint format and loading rules are in ``docs/dsaa.md``).
 
 Three kinds of file reach :func:`load_dsaa_model`:
 
@@ -12,11 +12,10 @@ Three kinds of file reach :func:`load_dsaa_model`:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dsaa import DSAAModel
+from ..utils.atomic import atomic_dir, atomic_save_safetensors, atomic_write_text
+from .dsaa import dsaa_dims, dsaa_lm_model, dsaa_path
 from .dsaa_config import TextLLMSpec
 from .dsaa_tokens import SpecialTokens, resolve_special_tokens
+from .lm import LMModel
 from .loaders import _NON_LM_CONFIG_KEYS, _prepare_lm_kwargs, check_state_dict_keys, hf_get
 
 logger = logging.getLogger(__name__)
@@ -82,26 +83,35 @@ class DSAABlock:
 # The LLM
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Creates parameters on ``meta`` while buffers stay real.
+def _rebuild_non_persistent_buffers(model: nn.Module) -> None:
+    """Gives a skeleton built on ``meta`` real copies of its non-persistent buffers (rotary ``inv_freq``).
 
-    Non-persistent buffers (rotary ``inv_freq``) are computed in the constructor and are not in any checkpoint,
-    so they must be built for real; parameters are loaded afterwards with ``assign=True``, so allocating and
-    initialising them would only cost time and memory.
+    Those buffers are computed by the constructors from the config and stored in no checkpoint, so a module
+    holding one is rebuilt on CPU from its own ``config`` (as ``transformers`` rotary embeddings are); its
+    parameters, loaded afterwards with ``assign=True``, stay on ``meta``.
+
+    Raises:
+        ValueError: a module with such a buffer cannot be rebuilt from a ``config`` attribute.
     """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+    persistent = set(model.state_dict())
+    rebuilt: set[str] = set()
+    for name, buffer in list(model.named_buffers()):
+        owner_name = name.rpartition(".")[0]
+        if name in persistent or not buffer.is_meta or owner_name in rebuilt:
+            continue
+        owner = model.get_submodule(owner_name)
+        config = getattr(owner, "config", None)
+        if config is None or next(owner.parameters(), None) is not None:
+            raise ValueError(
+                f"{type(model).__name__}.{name}: a buffer stored in no checkpoint, in a module that cannot be "
+                "rebuilt from its config; store the LLM weights in the checkpoint's folder and load it with "
+                "from_pretrained instead"
+            )
+        with torch.device("cpu"):
+            fresh = type(owner)(config=config)
+        parent_name, _, child_name = owner_name.rpartition(".")
+        model.get_submodule(parent_name).add_module(child_name, fresh)
+        rebuilt.add(owner_name)
 
 
 def load_llm(
@@ -155,10 +165,11 @@ def llm_from_config(llm_config: Mapping[str, Any], spec: TextLLMSpec) -> nn.Modu
     if model_type is None:
         raise ValueError("dsaa.llm_config has no 'model_type'")
     config = AutoConfig.for_model(model_type, **raw)
-    with _parameters_on_meta():
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code
         )
+    _rebuild_non_persistent_buffers(model)
     return model.eval()
 
 
@@ -194,13 +205,13 @@ def build_dsaa_model(
     proj_dropout: float = 0.1,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> DSAAModel:
+) -> LMModel:
     """The one DSAA builder: widths from the Moshi kwargs and the LLM; ``lm_kwargs`` as in Kyutai's config."""
     ids = special.ids() if isinstance(special, SpecialTokens) else dict(special)
     kwargs, lora, _, _ = _prepare_lm_kwargs(dict(lm_kwargs), {})
     if lora:
         raise ValueError("a DSAA model cannot be built with LoRA ('lora': true in the Moshi config)")
-    return DSAAModel(
+    return dsaa_lm_model(
         llm,
         bos_id=ids["bos_id"],
         pad_id=ids["pad_id"],
@@ -265,7 +276,7 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
 
 
-def _load_strict(model: DSAAModel, state: dict[str, torch.Tensor], source: Path) -> None:
+def _load_strict(model: LMModel, state: dict[str, torch.Tensor], source: Path) -> None:
     """Assigns ``state`` to ``model``; every name must match and every shape agree (tied LLM copies filled in)."""
     state = dict(state)
     for tied, src in tied_llm_keys(model.text_llm.hf_model).items():
@@ -288,7 +299,7 @@ def load_dsaa_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.bfloat16,
     text_llm: Any = None,
-) -> tuple[DSAAModel, Any]:
+) -> tuple[LMModel, Any]:
     """Loads a DSAA checkpoint folder (or its weights file) written by :func:`save_dsaa_checkpoint`.
 
     With ``llm_weights: "embedded"`` no hub access happens. With ``"reference"`` the LLM comes from
@@ -345,7 +356,7 @@ def load_fork_checkpoint(
     lm_kwargs: Mapping[str, Any],
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.bfloat16,
-) -> tuple[DSAAModel, Any]:
+) -> tuple[LMModel, Any]:
     """Loads a checkpoint in the DSAA fork's format (no ``dsaa`` block, ``text_projector.*`` tensors).
 
     The LLM and tokenizer come from the ``text_llm`` section, the special ids are resolved by its rules, and
@@ -389,7 +400,7 @@ def load_dsaa_model(
     lm_kwargs: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.bfloat16,
-) -> tuple[DSAAModel, Any]:
+) -> tuple[LMModel, Any]:
     """Loads any DSAA-capable checkpoint for a config with ``text_llm.enable: true``.
 
     A folder or file with a ``config.json`` holding a ``dsaa`` block is a DSAA checkpoint; otherwise the file
@@ -416,7 +427,7 @@ def load_dsaa_model(
 
 
 def dsaa_state_dict(
-    model: DSAAModel, save_weights: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None
+    model: LMModel, save_weights: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """The tensors of a DSAA checkpoint: tied LLM duplicates dropped; no ``text_llm.*`` when not ``save_weights``.
 
@@ -433,10 +444,11 @@ def dsaa_state_dict(
 
 
 def dsaa_config(
-    model: DSAAModel, hf_repo_id: str, revision: str | None, save_weights: bool = True
+    model: LMModel, hf_repo_id: str, revision: str | None, save_weights: bool = True
 ) -> dict[str, Any]:
     """``config.json`` of a DSAA checkpoint: Moshi's LM keys (``text_card = V``) plus the ``dsaa`` block."""
-    d = model.dims
+    d = dsaa_dims(model)
+    path = dsaa_path(model)
     llm_config = model.text_llm.config.to_dict()
     block = DSAABlock(
         hf_repo_id=hf_repo_id,
@@ -445,19 +457,19 @@ def dsaa_config(
         llm_config=llm_config,
         text_dim=d.text_dim,
         text_vocab=d.text_vocab,
-        pad_id=model.pad_id,
-        epad_id=model.epad_id,
-        bos_id=model.bos_id,
+        pad_id=path.pad_id,
+        epad_id=path.epad_id,
+        bos_id=path.bos_id,
         proj_hidden=d.proj_hidden,
-        proj_dropout=model.proj_dropout,
+        proj_dropout=path.proj_dropout,
     )
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.moshi_config.items()}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in path.moshi_config.items()}
     config["dsaa"] = block.to_dict()
     return config
 
 
 def save_dsaa_checkpoint(
-    model: DSAAModel,
+    model: LMModel,
     out_dir: str | Path,
     tokenizer: Any,
     hf_repo_id: str,
@@ -475,7 +487,7 @@ def save_dsaa_checkpoint(
     hold the source checkpoint).
 
     Args:
-        model (DSAAModel): the model.
+        model (LMModel): the model.
         out_dir: the checkpoint folder.
         tokenizer: the LLM tokenizer (saved with ``save_pretrained`` under ``tokenizer/``).
         hf_repo_id (str), revision (str | None): where the LLM came from (recorded in the ``dsaa`` block).
@@ -489,8 +501,6 @@ def save_dsaa_checkpoint(
     Returns:
         The folder.
     """
-    from finetune.atomic import atomic_dir, atomic_save_safetensors, atomic_write_text
-
     if weights_name not in WEIGHT_NAMES:
         raise ValueError(f"weights_name must be one of {list(WEIGHT_NAMES)}, got {weights_name!r}")
     out = Path(out_dir)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules import module as _nn_module
 
 from ..modules.streaming import StreamingContainer
 from ..modules.transformer import (
@@ -27,12 +26,14 @@ from ..modules.transformer import (
     apply_per_step_linear,
     create_norm_fn,
 )
-from ..utils import recycled_buffers
+from ..utils.constants import (
+    MOSHI_TEXT_END_PADDING_ID,
+    MOSHI_TEXT_PADDING_ID,
+    UNGENERATED_TOKEN_ID,
+    ZERO_TOKEN_ID,
+)
 
 Device = torch.device | str | None
-
-ZERO_TOKEN_ID = -1
-UNGENERATED_TOKEN_ID = -2
 
 
 @dataclass
@@ -57,17 +58,18 @@ class LMTrainOutput:
     """Teacher-forced outputs with the text head left unapplied, for a loss that applies it in row chunks.
 
     The text head is the largest matmul of a step and its float32 logits the largest activation (``[B, T, V]``);
-    a fused chunked cross-entropy over ``text_hidden`` never materialises them. :meth:`full_text_logits` gives
+    a fused chunked cross-entropy over ``text_hidden`` never materialises them. The loss reads the head's
+    weight, bias and LoRA factors from :attr:`text_head` itself. :meth:`full_text_logits` gives
     :attr:`LMOutput.text_logits` (NaN positions included: un-delaying fills ``text_hidden`` with NaN where
     ``text_logits`` would be NaN).
 
     Attributes:
         logits (torch.Tensor): ``[B, dep_q, T, card]`` audio logits, as in :class:`LMOutput`.
         mask (torch.Tensor): bool ``[B, dep_q, T]``.
-        text_hidden (torch.Tensor): ``[B, 1, T, D]``, the text head's input.
+        text_hidden (torch.Tensor): ``[B, 1, T, D]``, the input of the whole text head (for a LoRA head, the
+            input of the ``LoRALinear``, which feeds both ``frozen_W`` and ``lora_A``).
         text_mask (torch.Tensor): bool ``[B, 1, T]``.
-        text_head (nn.Module): the text head itself (an ``nn.Linear`` or a ``LoRALinear``), so the loss reads
-            its parameters and gradients flow to them.
+        text_head (nn.Module): the text head module (``nn.Linear`` or ``LoRALinear``).
     """
 
     logits: torch.Tensor
@@ -77,7 +79,7 @@ class LMTrainOutput:
     text_head: nn.Module
 
     def full_text_logits(self) -> torch.Tensor:
-        """``[B, 1, T, V]``: the logits the text head would give (as :attr:`LMOutput.text_logits`)."""
+        """``[B, 1, T, V]``: the logits the text head gives (as :attr:`LMOutput.text_logits`)."""
         return self.text_head(self.text_hidden)
 
 
@@ -194,11 +196,6 @@ class ScaledEmbedding(nn.Embedding):
         """A bare table lookup (no norm, low rank or demux), which allows batched lookups across tables."""
         return self.norm is None and self.low_rank is None and not self.demux_second_stream
 
-    def _lookup(self, index: torch.Tensor) -> torch.Tensor:
-        if self.padding_idx is None and self.max_norm is None and not self.sparse and not self.scale_grad_by_freq:
-            return recycled_buffers.embedding(index, self.weight)
-        return super().forward(index)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         is_zero = input == self.zero_idx
         if self.demux_second_stream:
@@ -209,21 +206,13 @@ class ScaledEmbedding(nn.Embedding):
             y2 = self.out2(super().forward(right.clamp(min=0)))
             y = y + torch.where((right >= 0).unsqueeze(-1), y2, torch.zeros_like(y2))
             return torch.where(is_zero.unsqueeze(-1), torch.zeros_like(y), y)
-        y = self._lookup(input.clamp(min=0))
+        y = super().forward(input.clamp(min=0))
         if self.norm is not None:
             y = self.norm(y)
         y = torch.where(is_zero.unsqueeze(-1), torch.zeros_like(y), y)
         if self.low_rank is not None:
             y = self.low_rank(y)
         return y
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks (its own or global ones) that a direct functional call would skip."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks
-        or getattr(_nn_module, "_global_forward_hooks", None) or getattr(_nn_module, "_global_forward_pre_hooks", None)
-    )
 
 
 def _summed_lookup(tables: Sequence[ScaledEmbedding], tokens: torch.Tensor) -> torch.Tensor:
@@ -262,6 +251,168 @@ def _stacked_lookup(tables: Sequence[ScaledEmbedding], tokens: torch.Tensor) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Text paths
+
+
+class TextPath:
+    """How the text stream enters and leaves an :class:`LMModel`.
+
+    The audio embeddings, the temporal transformer, the depformer and its output heads are the same for every
+    model; the text path decides what the temporal transformer reads besides audio, which per-frame state the
+    depformer reads, which module predicts the text token and what each depformer step receives. It creates its
+    modules directly on the model, at top level, so their state-dict names are the model's own.
+    Subclasses override every method; the constructor of :class:`LMModel` calls the ``build_*`` methods in
+    registration order.
+    """
+
+    def resolve_text_config(
+        self, text_card: int, padding_id: int, end_padding_id: int, text_card_out: int | None, demux: bool
+    ) -> tuple[int, int, int]:
+        """``(text_card, text PAD id, text EPAD id)`` the model uses, from the constructor's keywords."""
+        raise NotImplementedError
+
+    def build_input(self, model: LMModel, factory: dict[str, Any]) -> None:
+        """Creates the modules the temporal side needs (called right after the audio embeddings)."""
+        raise NotImplementedError
+
+    def build_depformer_input(self, model: LMModel, num_inputs: int, factory: dict[str, Any]) -> None:
+        """Creates the ``num_inputs`` per-step depformer input modules (before the depformer's audio tables)."""
+        raise NotImplementedError
+
+    def build_depformer_text(self, model: LMModel, factory: dict[str, Any]) -> None:
+        """Creates the depformer's text-token input (after the depformer's audio tables)."""
+        raise NotImplementedError
+
+    def init_tables(self, model: LMModel, depformer: bool) -> list[nn.Module]:
+        """Text embedding tables that take the model's truncated-normal init (temporal or depformer side)."""
+        raise NotImplementedError
+
+    def init_linears(self, model: LMModel) -> list[nn.Module]:
+        """Text linears that take the model's truncated-normal init."""
+        raise NotImplementedError
+
+    def text_initial_token_id(self, model: LMModel) -> int:
+        raise NotImplementedError
+
+    def temporal_input(self, model: LMModel, sequence: torch.Tensor) -> torch.Tensor:
+        """Temporal transformer input ``[B, T, dim]`` for delayed ``sequence [B, K, T]``."""
+        raise NotImplementedError
+
+    def frame_state(
+        self, model: LMModel, sequence: torch.Tensor, transformer_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, text_hidden)``: the per-frame state every depformer step reads and the text head's input."""
+        raise NotImplementedError
+
+    def text_head(self, model: LMModel) -> nn.Module:
+        """The module that maps ``text_hidden`` to text logits."""
+        raise NotImplementedError
+
+    def depformer_inputs(self, model: LMModel, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Inputs of all depformer steps, ``[B, T, dep_q, depformer_dim]``, for ``z [B, T, Z]`` and the delayed
+        targets ``tokens [B, dep_q, T]`` (row 0 text, row ``c`` audio codebook ``c - 1``)."""
+        raise NotImplementedError
+
+    def depformer_step_input(self, model: LMModel, step: int, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Input of depformer step ``step``, ``[B, T, depformer_dim]``, for ``tokens [B, T]`` (the previous token:
+        text at step 0, audio codebook ``step - 1`` after)."""
+        raise NotImplementedError
+
+
+class MoshiTextPath(TextPath):
+    """Moshi's own text path.
+
+    The text token's embedding ``text_emb`` is summed into the temporal input, ``text_linear`` reads the
+    temporal output, and each depformer step reads ``depformer_in[j](transformer_out)`` plus the embedding of
+    its previous token (``depformer_text_emb`` at step 0).
+    """
+
+    def __init__(self, norm_emb: bool = False, bias_proj: bool = False, low_rank: int | None = None) -> None:
+        self.norm_emb = norm_emb
+        self.bias_proj = bias_proj
+        self.low_rank = low_rank
+        self.demux = False
+        self.text_card_out = 0
+
+    def resolve_text_config(
+        self, text_card: int, padding_id: int, end_padding_id: int, text_card_out: int | None, demux: bool
+    ) -> tuple[int, int, int]:
+        self.demux = demux
+        self.text_card_out = text_card_out or text_card
+        return text_card, padding_id, end_padding_id
+
+    def build_input(self, model: LMModel, factory: dict[str, Any]) -> None:
+        model.text_emb = ScaledEmbedding(
+            model.text_card + 1, model.dim, norm=self.norm_emb, demux_second_stream=self.demux, **factory
+        )
+        model.text_linear = nn.Linear(model.dim, self.text_card_out, bias=self.bias_proj, **factory)
+
+    def build_depformer_input(self, model: LMModel, num_inputs: int, factory: dict[str, Any]) -> None:
+        model.depformer_in = nn.ModuleList(
+            [nn.Linear(model.dim, model.depformer_dim, bias=False, **factory) for _ in range(num_inputs)]
+        )
+
+    def build_depformer_text(self, model: LMModel, factory: dict[str, Any]) -> None:
+        model.depformer_text_emb = ScaledEmbedding(
+            model.text_card + 1,
+            model.depformer_dim,
+            low_rank=self.low_rank,
+            demux_second_stream=self.demux,
+            **factory,
+        )
+
+    def init_tables(self, model: LMModel, depformer: bool) -> list[nn.Module]:
+        return [model.depformer_text_emb] if depformer else [model.text_emb]
+
+    def init_linears(self, model: LMModel) -> list[nn.Module]:
+        return [model.text_linear]
+
+    def text_initial_token_id(self, model: LMModel) -> int:
+        return model.text_card
+
+    def temporal_input(self, model: LMModel, sequence: torch.Tensor) -> torch.Tensor:
+        return model.embed_audio(sequence[:, model.audio_offset : model.audio_offset + model.n_q]) + model.text_emb(
+            sequence[:, 0]
+        )
+
+    def frame_state(
+        self, model: LMModel, sequence: torch.Tensor, transformer_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return transformer_out, transformer_out
+
+    def text_head(self, model: LMModel) -> nn.Module:
+        return model.text_linear
+
+    def _projections(self, model: LMModel, z: torch.Tensor) -> torch.Tensor:
+        """``depformer_in`` of every step: ``[B, T, dim]`` → ``[B, T, dep_q, depformer_dim]``; plain per-step
+        linears run as one matmul on their concatenated weights."""
+        B, T, _ = z.shape
+        dep_in = model.depformer_in
+        if len(dep_in) == 1:
+            proj = dep_in[0](z)
+            return proj.unsqueeze(2).expand(B, T, model.dep_q, proj.shape[-1])
+        modules = [dep_in[model.depformer_input_index(c)] for c in range(model.dep_q)]
+        if all(type(m) is nn.Linear and m.bias is None for m in modules):
+            weight = torch.cat([m.weight for m in modules])
+            return F.linear(z, weight).view(B, T, model.dep_q, -1)
+        return torch.stack([m(z) for m in modules], dim=2)
+
+    def _token_embeddings(self, model: LMModel, tokens: torch.Tensor) -> torch.Tensor:
+        text = model.depformer_text_emb(tokens[:, 0]).unsqueeze(2)
+        if model.dep_q == 1:
+            return text
+        audio = _stacked_lookup(list(model.depformer_emb), tokens[:, 1 : model.dep_q])
+        return torch.cat([text, audio], dim=2)
+
+    def depformer_inputs(self, model: LMModel, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self._projections(model, z) + self._token_embeddings(model, tokens)
+
+    def depformer_step_input(self, model: LMModel, step: int, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        table = model.depformer_text_emb if step == 0 else model.depformer_emb[step - 1]
+        return model.depformer_in[model.depformer_input_index(step)](z) + table(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Model
 
 
@@ -292,7 +443,8 @@ def _transformer_kwarg_names(layer_class: type) -> set[str]:
 
 
 class LMModel(StreamingContainer):
-    """Moshi LM with Kyutai's constructor keywords and tensor names.
+    """Moshi LM with Kyutai's constructor keywords and tensor names; the text stream goes through a
+    :class:`TextPath` (Moshi's own by default, or DSAA's frozen text LLM, see ``docs/dsaa.md``).
 
     Args:
         delays (list[int]): per-stream delay, ``n_q + 1`` entries.
@@ -321,8 +473,11 @@ class LMModel(StreamingContainer):
         quantize (bool): int8 weights (not supported; must be False).
         gradient_checkpointing (bool): per-layer activation checkpointing in training.
         device, dtype: of every parameter (norm parameters included).
-        **kwargs: passed to the temporal transformer; ``depformer_X`` keys go to the depformer as ``X``. Unknown
-            keys raise ``TypeError`` naming the key.
+        text_path (TextPath | None): the text stream's modules and data flow (default :class:`MoshiTextPath`).
+        **kwargs: passed to the temporal transformer (``num_layers`` among them); ``depformer_X`` keys go to the
+            depformer as ``X``, and every transformer key the depformer does not get that way (``num_heads``,
+            ``num_layers``, ``gating``, ...) takes the temporal transformer's value. Unknown keys raise
+            ``TypeError`` naming the key.
     """
 
     def __init__(
@@ -346,8 +501,8 @@ class LMModel(StreamingContainer):
         depformer_low_rank_embeddings: int | None = None,
         depformer_pos_emb: str = "sin",
         depformer_norm: str | None = None,
-        existing_text_padding_id: int = 3,
-        existing_text_end_padding_id: int = 0,
+        existing_text_padding_id: int = MOSHI_TEXT_PADDING_ID,
+        existing_text_end_padding_id: int = MOSHI_TEXT_END_PADDING_ID,
         extra_heads_num_heads: int = 0,
         extra_heads_dim: int = 6,
         context: int | None = None,
@@ -360,6 +515,7 @@ class LMModel(StreamingContainer):
         gradient_checkpointing: bool = False,
         text_card_out: int | None = None,
         demux_second_text_stream: bool = False,
+        text_path: TextPath | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -382,12 +538,20 @@ class LMModel(StreamingContainer):
             if base not in accepted or base in ("d_model", "device", "dtype", "rope"):
                 raise TypeError(f"LMModel got an unexpected keyword argument {key!r}")
 
+        self.text_path = text_path if text_path is not None else MoshiTextPath(
+            norm_emb=norm_emb, bias_proj=bias_proj, low_rank=depformer_low_rank_embeddings
+        )
+        text_card, existing_text_padding_id, existing_text_end_padding_id = self.text_path.resolve_text_config(
+            text_card, existing_text_padding_id, existing_text_end_padding_id, text_card_out,
+            demux_second_text_stream,
+        )
         self.n_q = n_q
         self.dep_q = dep_q
         self.card = card
         self.text_card = text_card
         self.delays = delays
         self.dim = dim
+        self.depformer_dim = depformer_dim
         self.existing_text_padding_id = existing_text_padding_id
         self.existing_text_end_padding_id = existing_text_end_padding_id
         self.context = context
@@ -401,10 +565,7 @@ class LMModel(StreamingContainer):
         self.emb = nn.ModuleList(
             [ScaledEmbedding(card + 1, dim, norm=norm_emb, **factory) for _ in range(n_q)]
         )
-        self.text_emb = ScaledEmbedding(
-            text_card + 1, dim, norm=norm_emb, demux_second_stream=demux_second_text_stream, **factory
-        )
-        self.text_linear = nn.Linear(dim, text_card_out or text_card, bias=bias_proj, **factory)
+        self.text_path.build_input(self, factory)
         self.transformer = StreamingTransformer(
             d_model=dim,
             num_heads=num_heads,
@@ -425,29 +586,18 @@ class LMModel(StreamingContainer):
                 raise ValueError(
                     f"depformer_weights_per_step_schedule has {len(schedule)} entries, expected dep_q={dep_q}"
                 )
-            for required in ("num_heads", "num_layers"):
-                if required not in dep_kwargs:
-                    raise ValueError(f"depformer_{required} is required when dep_q > 0")
             num_in = 1
             if depformer_multi_linear:
                 num_in = dep_q if schedule is None else max(schedule) + 1
-            self.depformer_in = nn.ModuleList(
-                [nn.Linear(dim, depformer_dim, bias=False, **factory) for _ in range(num_in)]
-            )
+            self.text_path.build_depformer_input(self, num_in, factory)
             low_rank = depformer_low_rank_embeddings
             self.depformer_emb = nn.ModuleList(
                 [ScaledEmbedding(card + 1, depformer_dim, low_rank=low_rank, **factory) for _ in range(dep_q - 1)]
             )
-            self.depformer_text_emb = ScaledEmbedding(
-                text_card + 1,
-                depformer_dim,
-                low_rank=low_rank,
-                demux_second_stream=demux_second_text_stream,
-                **factory,
-            )
+            self.text_path.build_depformer_text(self, factory)
             if depformer_dim_feedforward is None:
                 depformer_dim_feedforward = int(hidden_scale * depformer_dim)
-            transformer_kwargs = dict(main_kwargs)
+            transformer_kwargs = {"num_heads": num_heads, **main_kwargs}
             transformer_kwargs.update(dep_kwargs)
             transformer_kwargs["positional_embedding"] = depformer_pos_emb
             transformer_kwargs["context"] = None
@@ -489,7 +639,7 @@ class LMModel(StreamingContainer):
 
     @property
     def text_initial_token_id(self) -> int:
-        return self.text_card
+        return self.text_path.text_initial_token_id(self)
 
     @property
     def text_padding_token_id(self) -> int:
@@ -528,11 +678,13 @@ class LMModel(StreamingContainer):
 
     @property
     def device(self) -> torch.device:
-        return self.text_emb.weight.device
+        """Device of the temporal transformer (a DSAA text LLM keeps its own)."""
+        return next(self.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_emb.weight.dtype
+        """Dtype of the temporal transformer (a DSAA text LLM keeps its own)."""
+        return next(self.transformer.parameters()).dtype
 
     def initial_tokens(self, device: Device = None) -> torch.Tensor:
         """``[1, K, 1]`` int64: the text initial id in row 0, the audio initial id in the other rows."""
@@ -548,14 +700,15 @@ class LMModel(StreamingContainer):
 
     def _init_weights(self) -> None:
         """Kyutai's training init: truncated normal ``σ = 1/sqrt(fan_in)`` (±3σ) for the embedding tables,
-        ``text_linear``, every Linear of the temporal transformer and ``linears``; depformer layers and
-        ``depformer_in`` keep PyTorch's defaults; norms start at 1."""
-        tables = list(self.emb) + [self.text_emb]
+        the text path's tables and linears, every Linear of the temporal transformer and ``linears``; depformer
+        layers and the depformer inputs keep PyTorch's defaults; norms start at 1."""
+        path = self.text_path
+        tables = list(self.emb) + path.init_tables(self, depformer=False)
         if self.depformer is not None:
-            tables += list(self.depformer_emb) + [self.depformer_text_emb]
+            tables += list(self.depformer_emb) + path.init_tables(self, depformer=True)
         for table in tables:
             _init_params(table, ("weight",))
-        linears: list[nn.Module] = [self.text_linear]
+        linears: list[nn.Module] = path.init_linears(self)
         linears += [m for m in self.transformer.modules() if isinstance(m, nn.Linear)]
         if self.depformer is not None:
             linears += list(self.linears)
@@ -568,86 +721,56 @@ class LMModel(StreamingContainer):
         """Sum of the audio embeddings of ``sequence [B, n_q, T]`` (audio rows only) → ``[B, T, dim]``."""
         return _summed_lookup(list(self.emb), sequence)
 
-    def embed_codes(self, sequence: torch.Tensor) -> torch.Tensor:
-        """Temporal transformer input for ``sequence [B, K, T]``: audio embeddings summed, then text added."""
-        x = self.embed_audio(sequence[:, self.audio_offset : self.audio_offset + self.n_q])
-        return x + self.text_emb(sequence[:, 0])
+    def text_head_module(self) -> nn.Module:
+        """The module that maps the text hidden state to text logits (``text_linear`` for Moshi)."""
+        return self.text_path.text_head(self)
 
     def forward_text(
         self,
         sequence: torch.Tensor,
         sum_condition: torch.Tensor | None = None,
         cross_attention_src: torch.Tensor | None = None,
-        with_text_head: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Temporal pass over already-delayed ``sequence [B, K, T]``.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over already-delayed ``sequence [B, K, T]`` (also LMGen's step).
 
         Args:
             sequence (torch.Tensor): int64 ``[B, K, T]``, delayed layout.
             sum_condition (torch.Tensor | None): ``[B, T or 1, dim]`` added to the input embeddings (the "sum"
                 conditioning of conditioned models), cast to their dtype.
             cross_attention_src: not supported (must be None).
-            with_text_head (bool): compute the text logits (else ``None`` is returned in their place).
 
         Returns:
-            ``(transformer_out [B, T, dim], text_logits [B, 1, T, text_card_out])``; ``transformer_out`` is after
-            ``out_norm`` and feeds both heads.
+            ``(z, text_logits [B, 1, T, V])``: ``z [B, T, Z]`` is the per-frame state the depformer reads (the
+            temporal output after ``out_norm`` for Moshi).
         """
+        z, text_hidden = self._frame_states(sequence, sum_condition, cross_attention_src)
+        return z, self.text_head_module()(text_hidden)[:, None]
+
+    def _frame_states(
+        self,
+        sequence: torch.Tensor,
+        sum_condition: torch.Tensor | None = None,
+        cross_attention_src: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, text_hidden)`` of the text path for delayed ``sequence [B, K, T]``."""
         if cross_attention_src is not None:
             raise NotImplementedError("cross-attention conditioning is not supported")
         B, K, T = sequence.shape
         if K != self.num_codebooks:
             raise ValueError(f"sequence has {K} streams, expected {self.num_codebooks}")
-        x = self.embed_codes(sequence)
+        x = self.text_path.temporal_input(self, sequence)
         if sum_condition is not None:
             x = x + sum_condition.to(x.dtype)
         transformer_out = self.out_norm(self.transformer(x))
-        if not with_text_head:
-            return transformer_out, None
-        return transformer_out, self._text_logits(transformer_out)
+        return self.text_path.frame_state(self, sequence, transformer_out)
 
-    def _text_logits(self, transformer_out: torch.Tensor) -> torch.Tensor:
-        """``text_linear`` of ``[B, T, dim]`` → ``[B, 1, T, text_card_out]``.
-
-        On CPU a bare head (no bias, LoRA or forward hooks to honour) writes the logits, 64 MB a step for
-        moshiko's training batches, and its weight gradient into recycled memory.
-        """
-        head = self.text_linear
-        if transformer_out.device.type == "cpu" and type(head) is nn.Linear and head.bias is None \
-                and not _has_forward_hooks(head):
-            return recycled_buffers.linear(transformer_out, head.weight)[:, None]
-        return head(transformer_out)[:, None]
-
-    def _depformer_in_index(self, step: int) -> int:
+    def depformer_input_index(self, step: int) -> int:
+        """Which per-step depformer input module step ``step`` uses."""
         if not self.depformer_multi_linear:
             return 0
         if self.depformer_weights_per_step_schedule is not None:
             return self.depformer_weights_per_step_schedule[step]
         return step
-
-    def depformer_projections(self, transformer_out: torch.Tensor) -> torch.Tensor:
-        """``depformer_in`` of every codebook step: ``[B, T, dim]`` → ``[B, T, dep_q, depformer_dim]``.
-
-        With per-step linears this is one matmul on the concatenated weights.
-        """
-        B, T, _ = transformer_out.shape
-        modules = [self.depformer_in[self._depformer_in_index(c)] for c in range(self.dep_q)]
-        if len(self.depformer_in) == 1:
-            proj = self.depformer_in[0](transformer_out)
-            return proj.unsqueeze(2).expand(B, T, self.dep_q, proj.shape[-1])
-        if all(type(m) is nn.Linear and m.bias is None for m in modules):
-            weight = torch.cat([m.weight for m in modules])
-            return F.linear(transformer_out, weight).view(B, T, self.dep_q, -1)
-        return torch.stack([m(transformer_out) for m in modules], dim=2)
-
-    def depformer_token_embeddings(self, sequence: torch.Tensor) -> torch.Tensor:
-        """Token inputs of the depformer steps for ``sequence [B, K, T]`` (delayed targets) →
-        ``[B, T, dep_q, depformer_dim]``: step 0 embeds the text token, step ``c`` the audio token ``c - 1``."""
-        text = self.depformer_text_emb(sequence[:, 0]).unsqueeze(2)
-        if self.dep_q == 1:
-            return text
-        audio = _stacked_lookup(list(self.depformer_emb), sequence[:, 1 : self.dep_q])
-        return torch.cat([text, audio], dim=2)
 
     def run_depformer(self, depformer_inputs: torch.Tensor) -> torch.Tensor:
         """Depformer over the codebook axis: ``[B, T, dep_q, depformer_dim]`` → logits ``[B, dep_q, T, card]``."""
@@ -665,35 +788,34 @@ class LMModel(StreamingContainer):
 
         Args:
             sequence (torch.Tensor): ``delayed[:, :, 1:]`` ``[B, K, T]`` (the targets, delayed layout).
-            transformer_out (torch.Tensor): ``[B, T, dim]``.
+            transformer_out (torch.Tensor): the per-frame state ``z [B, T, Z]`` of :meth:`forward_text`.
 
         Returns:
             Logits ``[B, dep_q, T, card]`` (delayed layout).
         """
-        inputs = self.depformer_projections(transformer_out) + self.depformer_token_embeddings(sequence)
-        return self.run_depformer(inputs)
+        return self.run_depformer(self.text_path.depformer_inputs(self, transformer_out, sequence[:, : self.dep_q]))
 
-    def _hidden_and_audio_logits(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(transformer_out [B, T, dim], audio logits, audio mask)`` of teacher forcing on ``codes``."""
+    def _teacher_forced(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(text_hidden [B, T, D], audio logits, audio mask)`` of teacher forcing on ``codes``."""
         B, K, T = codes.shape
         if K != self.num_codebooks:
             raise ValueError(f"codes has {K} streams, expected num_codebooks = {self.num_codebooks}")
         delayed = delay_codes(codes, self.delays, self.initial_tokens(codes.device))
-        transformer_out, _ = self.forward_text(delayed[:, :, :-1], with_text_head=False)
+        z, text_hidden = self._frame_states(delayed[:, :, :-1])
         if self.depformer is not None:
-            logits = self.forward_depformer_training(delayed[:, :, 1:], transformer_out)
+            logits = self.forward_depformer_training(delayed[:, :, 1:], z)
         else:
-            logits = transformer_out.new_zeros(B, 0, T, self.card)
+            logits = z.new_zeros(B, 0, T, self.card)
         dq = self.dep_q
         logits, mask = undelay_logits(logits, self.delays[1 : 1 + dq], codes[:, 1 : 1 + dq] != ZERO_TOKEN_ID)
-        return transformer_out, logits, mask
+        return text_hidden, logits, mask
 
     def forward(self, codes: torch.Tensor, condition_tensors: Any = None) -> LMOutput:
         """Teacher forcing on ``codes [B, K, T]`` (int64, ``-1`` = zero token) → :class:`LMOutput`."""
         if condition_tensors:
             raise NotImplementedError("condition_tensors (conditioned models) are not supported")
-        transformer_out, logits, mask = self._hidden_and_audio_logits(codes)
-        text_logits = self._text_logits(transformer_out)
+        text_hidden, logits, mask = self._teacher_forced(codes)
+        text_logits = self.text_head_module()(text_hidden)[:, None]
         text_logits, text_mask = undelay_logits(text_logits, self.delays[:1], codes[:, :1] != ZERO_TOKEN_ID)
         return LMOutput(logits, mask, text_logits, text_mask)
 
@@ -701,12 +823,12 @@ class LMModel(StreamingContainer):
         """:meth:`forward` with the text head left to the loss (see :class:`LMTrainOutput`).
 
         Under FSDP2 register it as a forward method and keep the root unsharded after forward: the loss reads
-        ``text_linear``'s weight after this returns.
+        the text head's weights after this returns.
         """
-        transformer_out, logits, mask = self._hidden_and_audio_logits(codes)
+        text_hidden, logits, mask = self._teacher_forced(codes)
         valid = codes[:, :1] != ZERO_TOKEN_ID
-        hidden, text_mask = undelay_logits(transformer_out[:, None], self.delays[:1], valid)
-        return LMTrainOutput(logits, mask, hidden, text_mask, self.text_linear)
+        hidden, text_mask = undelay_logits(text_hidden[:, None], self.delays[:1], valid)
+        return LMTrainOutput(logits, mask, hidden, text_mask, self.text_head_module())
 
     # -- streaming -------------------------------------------------------------------------------------------
 
@@ -718,7 +840,7 @@ class LMModel(StreamingContainer):
         Args:
             depformer_cb_index (int): codebook step ``c``.
             sequence (torch.Tensor): ``[B, 1, 1]`` previous token (text at ``c = 0``, audio ``c - 1`` after).
-            transformer_out (torch.Tensor): ``[B, 1, dim]``.
+            transformer_out (torch.Tensor): the per-frame state ``z [B, 1, Z]`` of :meth:`forward_text`.
 
         Returns:
             Logits ``[B, 1, 1, card]``.
@@ -731,10 +853,7 @@ class LMModel(StreamingContainer):
         if (K, S) != (1, 1):
             raise ValueError(f"forward_depformer takes one token per item [B, 1, 1], got {tuple(sequence.shape)}")
         c = depformer_cb_index
-        x = self.depformer_in[self._depformer_in_index(c)](transformer_out)
-        table = self.depformer_text_emb if c == 0 else self.depformer_emb[c - 1]
-        x = x + table(sequence[:, 0])
-        out = self.depformer(x)
+        out = self.depformer(self.text_path.depformer_step_input(self, c, transformer_out, sequence[:, 0]))
         logits = self.linears[c](self.depformer_norms[c](out))
         return logits[:, None]
 
@@ -751,9 +870,15 @@ def _per_codebook_linear(modules: list[nn.Module], x: torch.Tensor) -> torch.Ten
 
 
 __all__ = [
+    "MOSHI_TEXT_END_PADDING_ID",
+    "MOSHI_TEXT_PADDING_ID",
+    "UNGENERATED_TOKEN_ID",
+    "ZERO_TOKEN_ID",
     "LMModel",
     "LMOutput",
     "LMTrainOutput",
+    "MoshiTextPath",
+    "TextPath",
     "ScaledEmbedding",
     "delay_codes",
     "undelay_logits",

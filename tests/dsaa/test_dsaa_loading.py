@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moshi.models.dsaa import initialize_dsaa_modules
+from moshi.models.dsaa import dsaa_dims, initialize_dsaa_modules
 from moshi.models.dsaa_loading import (
     TextLLMSpec,
     build_dsaa_model,
@@ -84,7 +84,7 @@ def test_fork_format_loads_given_the_yaml_section(tmp_path, tiny_llm_dir):
     loaded, tokenizer = load_dsaa_model(
         str(fork_file), text_llm, lm_kwargs=small_lm_kwargs(), dtype=torch.float32
     )
-    assert loaded.dims.proj_hidden == 40 and loaded.bos_id == 1 and loaded.pad_id == 223
+    assert dsaa_dims(loaded).proj_hidden == 40 and loaded.text_initial_token_id == 1 and loaded.text_padding_token_id == 223
     _assert_same_outputs(model, loaded)
 
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moshi.models.dsaa import DSAALMGen, DSAAModel, pca_projection
-from moshi.models.lm import delay_codes
+from moshi.models.dsaa import (
+    dsaa_dims,
+    dsaa_param_group_prefixes,
+    dsaa_param_groups,
+    dsaa_states,
+    dsaa_vectors,
+    pca_projection,
+    set_dsaa_trainable,
+)
+from moshi.models.lm import LMModel, delay_codes
+from moshi.models.lm_gen import LMGen
 from tests.dsaa.tiny_llm import random_codes, tiny_dsaa
 
 
@@ -22,7 +31,7 @@ from tests.dsaa.tiny_llm import random_codes, tiny_dsaa
 )
 def test_shapes_follow_the_moshi_and_llm_configs(hidden, proj_hidden, overrides, num_projectors):
     model = tiny_dsaa(hidden=hidden, proj_hidden=proj_hidden, **overrides)
-    d = model.dims
+    d = dsaa_dims(model)
     H = proj_hidden or 64
     assert (d.dim, d.depformer_dim, d.text_dim, d.text_vocab, d.proj_hidden) == (64, 32, hidden, 320, H)
     assert d.num_projectors == num_projectors == len(model.depformer_projectors)
@@ -57,14 +66,14 @@ def test_moshi_branch_is_text_blind_and_llm_is_audio_blind():
     model = tiny_dsaa()
     codes = random_codes(model, steps=6)
     seq = delay_codes(codes, model.delays, model.initial_tokens())[:, :, :-1]
-    h, a = model.forward_states(seq)
+    h, a = dsaa_states(model, seq)
     other_text = seq.clone()
     other_text[:, 0] = (seq[:, 0] + 7) % 320
-    h2, a2 = model.forward_states(other_text)
+    h2, a2 = dsaa_states(model, other_text)
     assert torch.equal(a2, a) and not torch.allclose(h2, h)
     other_audio = seq.clone()
     other_audio[:, 1:] = (seq[:, 1:] + 5) % 32
-    h3, a3 = model.forward_states(other_audio)
+    h3, a3 = dsaa_states(model, other_audio)
     assert torch.equal(h3, h) and not torch.allclose(a3, a)
 
 
@@ -74,7 +83,7 @@ def test_alpha_zero_text_logits_equal_the_llm_logits():
         model.text_projector.alpha.zero_()
     codes = random_codes(model, steps=7)
     out = model(codes)
-    llm_input = torch.cat([torch.full((2, 1), model.bos_id), codes[:, 0, :-1]], dim=1)
+    llm_input = torch.cat([torch.full((2, 1), model.text_initial_token_id), codes[:, 0, :-1]], dim=1)
     with torch.no_grad():
         llm_logits = model.text_llm.hf_model(input_ids=llm_input).logits
     assert torch.equal(out.text_logits[:, 0], llm_logits)
@@ -84,7 +93,7 @@ def test_fresh_model_differs_from_the_llm_only_by_the_small_fusion_term():
     model = tiny_dsaa()
     codes = random_codes(model, steps=5)
     seq = delay_codes(codes, model.delays, model.initial_tokens())[:, :, :-1]
-    h, a = model.forward_states(seq)
+    h, a = dsaa_states(model, seq)
     fusion = model.text_projector.fusion(torch.cat([h, a], -1))
     expected = model.text_llm.lm_logits(h) + model.text_head(0.1 * fusion)
     torch.testing.assert_close(model(codes).text_logits[:, 0], expected, rtol=1e-5, atol=1e-5)
@@ -95,7 +104,7 @@ def test_minus_one_is_a_zero_vector_for_the_llm_and_the_depformer_text_embedding
     codes = random_codes(model, steps=5)
     codes[0, 0, 1] = -1
     seq = delay_codes(codes, model.delays, model.initial_tokens())[:, :, :-1]
-    h, _ = model.forward_states(seq)
+    h, _ = dsaa_states(model, seq)
     embeds = model.text_llm.input_embedding()(seq[:, 0].clamp(min=0)).detach().clone()
     embeds[0, 2] = 0.0  # codes[:, :, 1] is read at model position 2
     assert torch.equal(h, model.text_llm(inputs_embeds=embeds))
@@ -130,10 +139,10 @@ def test_pca_with_narrow_llm_pads_zero_rows_and_warns():
     assert len(messages) == 1 and "D_l=16" in messages[0] and "D_d=32" in messages[0]
 
 
-class _ForcedGen(DSAALMGen):
+class _ForcedGen(LMGen):
     """Feeds teacher tokens instead of sampling and records every logits tensor it would sample from."""
 
-    def __init__(self, model: DSAAModel, delayed: torch.Tensor) -> None:
+    def __init__(self, model: LMModel, delayed: torch.Tensor) -> None:
         super().__init__(model, use_sampling=False)
         self.delayed = delayed
         self.step_index = 0
@@ -191,7 +200,7 @@ def test_sampled_generation_is_reproducible_with_a_generator():
     model = tiny_dsaa()
     runs = []
     for _ in range(2):
-        gen = DSAALMGen(model, generator=torch.Generator().manual_seed(5))
+        gen = LMGen(model, generator=torch.Generator().manual_seed(5))
         with gen.streaming(1):
             runs.append([gen.step(torch.full((1, 2, 1), 3)) for _ in range(5)][1:])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -201,7 +210,7 @@ def test_sampled_generation_is_reproducible_with_a_generator():
 
 def test_generation_past_max_position_embeddings_is_an_error():
     model = tiny_dsaa(max_pos=3)
-    gen = DSAALMGen(model, use_sampling=False)
+    gen = LMGen(model, use_sampling=False)
     with gen.streaming(1):
         for _ in range(3):
             gen.step(torch.zeros(1, 2, 1, dtype=torch.long))
@@ -216,7 +225,7 @@ def test_forward_train_gives_the_text_logits_in_factored_form():
     out = model(codes)
     train = model.forward_train(codes)
     assert train.text_hidden.shape == (2, 1, 5, 32) and train.text_head is model.text_head
-    torch.testing.assert_close(train.full_text_logits(), out.text_logits, equal_nan=True)
+    torch.testing.assert_close(train.text_hidden @ train.text_head.weight.T, out.text_logits, equal_nan=True)
     torch.testing.assert_close(train.logits, out.logits, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(train.mask, out.mask) and torch.equal(train.text_mask, out.text_mask)
 
@@ -224,23 +233,23 @@ def test_forward_train_gives_the_text_logits_in_factored_form():
 def test_dsaa_vectors_are_the_projector_inputs():
     model = tiny_dsaa()
     codes = random_codes(model, steps=4)
-    vectors = model.dsaa_vectors(codes)
+    vectors = dsaa_vectors(model, codes)
     assert [tuple(v.shape) for v in vectors] == [(2, 4, 96)] + [(2, 4, 128)] * model.dep_q
     seq = delay_codes(codes, model.delays, model.initial_tokens())
-    h, a = model.forward_states(seq[:, :, :-1])
+    h, a = dsaa_states(model, seq[:, :, :-1])
     assert torch.equal(vectors[0], torch.cat([h, a], -1))
     for k in range(model.dep_q):
         assert torch.equal(vectors[1 + k][..., :96], vectors[0])
         u = model.depformer_projectors[k](vectors[1 + k])
-        torch.testing.assert_close(u, model.depformer_input(k, vectors[0], seq[:, k, 1:]))
+        torch.testing.assert_close(u, model.text_path.depformer_step_input(model, k, vectors[0], seq[:, k, 1:]))
 
 
 def test_parameter_groups_cover_every_parameter_once():
     model = tiny_dsaa()
-    prefixes = model.param_groups_prefixes()
+    prefixes = dsaa_param_group_prefixes(model)
     assert prefixes["proj"] == ("text_projector", "depformer_projectors")
     assert {"text_llm", "emb", "transformer", "out_norm"} <= set(prefixes["frozen"])
-    groups = model.set_trainable()
+    groups = set_dsaa_trainable(model)
     names = [n for g in groups.values() for n in g]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert all(n.startswith(("text_projector.", "depformer_projectors.")) for n in groups["proj"])
@@ -250,16 +259,16 @@ def test_parameter_groups_cover_every_parameter_once():
     )
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("text_llm."))
 
-    only_text = model.set_trainable(only_text=True)
+    only_text = set_dsaa_trainable(model, only_text=True)
     assert {n.split(".")[0] for n in only_text["proj"]} == {"text_projector"}
     assert only_text["finetune"] == ["text_head.weight"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == only_text["proj"] + only_text[
         "finetune"
     ]
 
-    fork_like = model.param_groups(frozen_modules=["depformer", "depformer_text_proj"])
+    fork_like = dsaa_param_groups(model, frozen_modules=["depformer", "depformer_text_proj"])
     frozen = {n for n, _ in fork_like["frozen"]}
     assert "depformer_text_proj.weight" in frozen and "depformer.layers.1.norm2.alpha" in frozen
     assert "depformer_emb.0.weight" not in frozen
     with pytest.raises(ValueError, match="text_llm.frozen_modules: 'depformr'"):
-        model.param_groups_prefixes(frozen_modules=["depformr"])
+        dsaa_param_group_prefixes(model, frozen_modules=["depformr"])

@@ -127,8 +127,8 @@ def test_chunked_text_loss_equals_the_full_logits_loss(tmp_path):
     family.prepare(model, torch.float32)
     model.eval()  # no dropout: both passes see the same function
     codes = random_codes(model, batch=2, steps=9, seed=3)
-    codes[0, 0, ::3] = model.pad_id  # PAD targets get text_padding_weight
-    codes[1, 0, 1] = model.epad_id
+    codes[0, 0, ::3] = model.text_padding_token_id  # PAD targets get text_padding_weight
+    codes[1, 0, 1] = model.end_of_text_padding_id
     codes[1, 0, 5] = -1  # no target
     loss_fn = family.loss(model)
     loss_fn.chunk_rows = 4  # several chunks and a ragged last one
@@ -145,7 +145,7 @@ def test_chunked_text_loss_equals_the_full_logits_loss(tmp_path):
     def full():
         out = model(codes)
         return moshi_loss_terms(out.text_logits, out.text_mask, out.logits, out.mask, codes,
-                                args.first_codebook_weight_multiplier, 0.3, (model.pad_id, model.epad_id))
+                                args.first_codebook_weight_multiplier, 0.3, (model.text_padding_token_id, model.end_of_text_padding_id))
 
     reference, g_full = run(full)
     torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-6)
@@ -222,7 +222,7 @@ def test_train_writes_a_dsaa_checkpoint_that_loads_offline_with_the_trained_logi
         assert torch.equal(saved[name], source[name]) == frozen, name
 
     loaded, tokenizer = load_dsaa_model(ckpt, cfg["text_llm"], device="cpu", dtype=torch.float32)
-    assert tokenizer.encode(" ", add_special_tokens=False)[0] == loaded.pad_id == trainer.model.pad_id
+    assert tokenizer.encode(" ", add_special_tokens=False)[0] == loaded.text_padding_token_id == trainer.model.text_padding_token_id
     codes = next(iter(trainer.data.train)).codes
     trainer.model.eval()
     with torch.no_grad():
@@ -236,10 +236,12 @@ def test_a_text_llm_token_key_changed_after_setup_is_refused_naming_the_key(tmp_
 
     cfg, weights, _ = dsaa_run_config
     block = json.loads((weights / "config.json").read_text())["dsaa"]
-    model = SimpleNamespace(pad_id=block["pad_id"], epad_id=block["epad_id"], bos_id=block["bos_id"])
+    model = SimpleNamespace(text_padding_token_id=block["pad_id"], end_of_text_padding_id=block["epad_id"],
+                            text_initial_token_id=block["bos_id"])
     args = TrainArgs.from_dict(cfg)
     tok = DSAAFamily(args).text_tokenizer(model)
-    assert (tok.pad_id, tok.epad_id, tok.bos_id) == (model.pad_id, model.epad_id, model.bos_id)
+    assert (tok.pad_id, tok.epad_id, tok.bos_id) == (model.text_padding_token_id, model.end_of_text_padding_id,
+                                                     model.text_initial_token_id)
     args = TrainArgs.from_dict(dict(cfg, text_llm=dict(cfg["text_llm"], pad_token="<|im_end|>")))
     with pytest.raises(ValueError, match=r"text_llm\.pad_token: id \d+ from the tokenizer, \d+ in the model"):
         DSAAFamily(args).text_tokenizer(model)

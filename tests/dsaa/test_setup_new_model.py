@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import setup_new_model
+from moshi.models.dsaa import dsaa_dims
 from moshi.models.dsaa_loading import load_dsaa_checkpoint
 from tests.dsaa.tiny_llm import random_codes
 
@@ -54,9 +55,9 @@ def test_setup_output_loads_and_runs_for_another_llm_width(
     config = write_config(moshi_source, llm_dir, param_dtype="bfloat16")
     setup_new_model.run(config, tmp_path / "w")
     model, tokenizer = load_dsaa_checkpoint(tmp_path / "w", dtype=torch.float32)
-    assert model.dims.text_dim == 16 and model.dims.depformer_dim == 32
+    assert dsaa_dims(model).text_dim == 16 and dsaa_dims(model).depformer_dim == 32
     assert torch.equal(model.depformer_text_proj.weight[16:], torch.zeros(16, 16))
-    assert tokenizer.convert_ids_to_tokens(model.bos_id) == "<|im_start|>"
+    assert tokenizer.convert_ids_to_tokens(model.text_initial_token_id) == "<|im_start|>"
     out = model(random_codes(model, steps=4))
     assert out.text_logits.shape == (2, 1, 4, 320) and not torch.isnan(out.text_logits).any()
     state = load_file(str(tmp_path / "w" / "model.safetensors"))

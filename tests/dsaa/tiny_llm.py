@@ -41,13 +41,13 @@ def tiny_dsaa(
     N(0, 0.2) so its outputs are not near zero), DSAA modules initialised as setup_new_model does."""
     import torch
 
-    from moshi.models.dsaa import DSAAModel, initialize_dsaa_modules
+    from moshi.models.dsaa import dsaa_lm_model, initialize_dsaa_modules
     from tests.helpers.configs import small_lm_kwargs
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         llm = build_tiny_llm(hidden, arch, tie, max_pos=max_pos, seed=seed)
-        model = DSAAModel(
+        model = dsaa_lm_model(
             llm, bos_id=1, pad_id=223, epad_id=2, proj_hidden=proj_hidden, **small_lm_kwargs(**lm_overrides)
         )
         initialize_dsaa_modules(model, seed, warn=lambda message: None)
@@ -58,7 +58,9 @@ def random_codes(model, batch: int = 2, steps: int = 6, seed: int = 0):
     """Random codes ``[B, K, T]``: LLM ids in the text row, audio ids below ``card`` elsewhere."""
     import torch
 
+    from moshi.models.dsaa import dsaa_dims
+
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, model.card, (batch, model.num_codebooks, steps), generator=g)
-    codes[:, 0] = torch.randint(0, model.dims.text_in_vocab, (batch, steps), generator=g)
+    codes[:, 0] = torch.randint(0, dsaa_dims(model).text_in_vocab, (batch, steps), generator=g)
     return codes

@@ -110,10 +110,6 @@ def test_unknown_config_key_is_refused_naming_it(key):
 def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match="delays"):
         LMModel(**small_lm_kwargs(delays=[0, 1]))
-    with pytest.raises(ValueError, match="depformer_num_layers"):
-        kwargs = small_lm_kwargs()
-        del kwargs["depformer_num_layers"]
-        LMModel(**kwargs)
     with pytest.raises(ValueError, match="'batch_norm'"):
         LMModel(**small_lm_kwargs(norm="batch_norm"))
 
