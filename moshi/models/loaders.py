@@ -316,7 +316,8 @@ def get_text_tokenizer(path: str | Path) -> Any:
 def _prepare_lm_kwargs(
     lm_kwargs: dict[str, Any] | MappingProxyType | None, lm_kwargs_overrides: dict[str, Any]
 ) -> tuple[dict[str, Any], bool, int, float]:
-    """Applies Kyutai's config rewrites (§1.3) to a copy; returns ``(kwargs, lora, lora_rank, lora_scaling)``."""
+    """Turns a checkpoint's ``config.json`` into ``LMModel`` keywords, on a copy: drops the non-model keys, renames
+    ``demux_second_stream``, merges the overrides; returns ``(kwargs, lora, lora_rank, lora_scaling)``."""
     kwargs = default_lm_kwargs() if lm_kwargs is None else copy.deepcopy(dict(lm_kwargs))
     conditioners = kwargs.pop("conditioners", None)
     if conditioners:
@@ -441,7 +442,7 @@ def get_moshi_lm(
 
 # --- Mimi ---
 
-# Kyutai's Mimi configuration (reference §6.1), under the upstream private name too.
+# Mimi's configuration for Kyutai's published weights; ``_mimi_config`` is the name Kyutai's package exports.
 MIMI_CONFIG = DEFAULT_MIMI_CONFIG
 _mimi_config = DEFAULT_MIMI_CONFIG
 
