@@ -7,7 +7,7 @@ Usage::
 
 It reads ``moshi_paths``, ``text_llm``, ``seed`` and ``param_dtype`` from the training YAML, reuses the Moshi
 tensors of ``moshi_paths`` by name (after checking shapes), drops Moshi's text modules, loads the LLM from
-``text_llm.hf_repo_id``, initialises every DSAA module as ``shared/design/dsaa.md`` says (on CPU in float32,
+``text_llm.hf_repo_id``, initialises every DSAA module as ``docs/dsaa.md`` describes (on CPU in float32,
 seeded, so two runs write identical bytes), casts to ``param_dtype`` and writes ``--out`` (``model.safetensors``,
 ``config.json``, ``tokenizer/``).
 """

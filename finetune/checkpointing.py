@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from finetune.distributed import any_rank, barrier, get_rank, get_world_size, is_main
+from moshi.modules.lora import merge_lora_state_dict
 from moshi.utils.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -80,24 +81,6 @@ def latest_resumable(run_dir: str | Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- exports
-
-
-def merge_lora_state_dict(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Folds every LoRA triple into a plain weight: ``W' = W + scaling · B @ A`` (fp32 math), base names."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        if ".frozen_W." in key:
-            prefix, leaf = key.split(".frozen_W.")
-            if leaf == "weight":
-                a = state[f"{prefix}.lora_A.weight"].float()
-                b = state[f"{prefix}.lora_B.weight"].float()
-                value = (value.float() + scaling * (b @ a)).to(value.dtype)
-            out[f"{prefix}.{leaf}"] = value
-        else:
-            out[key] = value
-    return out
 
 
 def export_config(base_config: Mapping[str, Any], lora: bool, lora_rank: int, lora_scaling: float) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Special text tokens of a DSAA model, resolved in the LLM's vocabulary (contract: "Special tokens").
+"""Special text tokens of a DSAA model, resolved in the LLM's vocabulary (rules in ``docs/dsaa.md``).
 
-The ids are resolved once (by ``setup_new_model`` or when a fork checkpoint is loaded) and stored in the
+The ids are resolved once (by ``setup_new_model`` or when a checkpoint without a ``dsaa`` block is loaded) and stored in the
 checkpoint, so training, evaluation and inference all use the same ids.
 """
 
@@ -63,7 +63,7 @@ def resolve_special_tokens(
     Args:
         tokenizer: a ``transformers`` tokenizer.
         pad_token (str | None): ``text_llm.pad_token``; default: the first id of ``tokenizer.encode(" ")``
-            (the fork's choice; 220 for Qwen).
+            (a plain space, which needs no new token; 220 for Qwen).
         epad_token (str | None): ``text_llm.epad_token``; default: the PAD id.
         bos_token (str | None): ``text_llm.bos_token``; default: ``tokenizer.bos_token_id``, else the id of
             ``<|im_start|>``.

@@ -157,8 +157,8 @@ class ScaledEmbedding(nn.Embedding):
             as ``out1(table[left]) + out2(table[right])``.
 
     Note:
-        Despite the name there is no scaling in the forward pass ("scaled" referred to a learning-rate option in
-        Kyutai's code); other negative ids silently read row 0, as upstream.
+        There is no scaling in the forward pass (the name is kept for checkpoint and API compatibility); other
+        negative ids read row 0.
     """
 
     def __init__(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -279,18 +280,27 @@ class CheckpointInfo:
     def get_mimi(self, device: torch.device | str = "cpu") -> MimiModel:
         """Builds Mimi with this checkpoint's weights and config, keeping as many codebooks as the LM uses.
 
-        That is ``max(dep_q, n_q - dep_q)`` from the LM config (8 without one), halved for multistream TTS.
+        That is :func:`mimi_codebooks_for_lm`, halved for multistream TTS.
         """
-        if self.lm_config is None:
-            num_codebooks = 8
-        else:
-            defaults = default_lm_kwargs()
-            n_q = self.lm_config.get("n_q", defaults["n_q"])
-            dep_q = self.lm_config.get("dep_q", defaults["dep_q"])
-            num_codebooks = max(dep_q, n_q - dep_q)
+        num_codebooks = mimi_codebooks_for_lm(self.lm_config)
         if self.tts_config.get("multistream"):
             num_codebooks //= 2
         return get_mimi(self.mimi_weights, self.mimi_config, device=device, num_codebooks=num_codebooks)
+
+
+def mimi_codebooks_for_lm(lm_config: Mapping[str, Any] | None) -> int:
+    """How many Mimi codebooks feed an LM: ``max(dep_q, n_q - dep_q)`` of its config, 8 without one.
+
+    The LM's ``n_q`` audio streams are the model's ``dep_q`` streams followed by the other speaker's, each a
+    prefix of one Mimi encoding, so the larger of the two groups is the number of codebooks to encode.
+    Missing keys take moshiko's values.
+    """
+    if lm_config is None:
+        return 8
+    defaults = default_lm_kwargs()
+    n_q = int(lm_config.get("n_q", defaults["n_q"]))
+    dep_q = int(lm_config.get("dep_q", defaults["dep_q"]))
+    return max(dep_q, n_q - dep_q)
 
 
 def get_text_tokenizer(path: str | Path) -> Any:
@@ -306,7 +316,8 @@ def get_text_tokenizer(path: str | Path) -> Any:
 def _prepare_lm_kwargs(
     lm_kwargs: dict[str, Any] | MappingProxyType | None, lm_kwargs_overrides: dict[str, Any]
 ) -> tuple[dict[str, Any], bool, int, float]:
-    """Applies Kyutai's config rewrites (§1.3) to a copy; returns ``(kwargs, lora, lora_rank, lora_scaling)``."""
+    """Turns a checkpoint's ``config.json`` into ``LMModel`` keywords, on a copy: drops the non-model keys, renames
+    ``demux_second_stream``, merges the overrides; returns ``(kwargs, lora, lora_rank, lora_scaling)``."""
     kwargs = default_lm_kwargs() if lm_kwargs is None else copy.deepcopy(dict(lm_kwargs))
     conditioners = kwargs.pop("conditioners", None)
     if conditioners:
@@ -431,7 +442,7 @@ def get_moshi_lm(
 
 # --- Mimi ---
 
-# Kyutai's Mimi configuration (reference §6.1), under the upstream private name too.
+# Mimi's configuration for Kyutai's published weights; ``_mimi_config`` is the name Kyutai's package exports.
 MIMI_CONFIG = DEFAULT_MIMI_CONFIG
 _mimi_config = DEFAULT_MIMI_CONFIG
 

@@ -193,7 +193,7 @@ class StreamingLLM(StreamingModule[_LLMState]):
 
     The HF model's top-level children are registered directly on this module, so its state-dict names are
     exactly the names ``save_pretrained`` writes (``model.layers.0...``, ``lm_head.weight``): a DSAA model
-    holding it as ``text_llm`` stores ``text_llm.model.layers.0...``, as the contract requires.
+    holding it as ``text_llm`` stores ``text_llm.model.layers.0...``, the names DSAA checkpoints use.
 
     Outside a streaming block, :meth:`forward` is a teacher-forced pass with no cache. Inside
     ``with llm.streaming(B):`` each call appends its positions to an HF ``DynamicCache`` kept in the state,

@@ -8,6 +8,7 @@ factors ``lora_A`` and ``lora_B``; a plain checkpoint still loads thanks to a ke
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -72,16 +73,45 @@ class LoRALinear(nn.Module):
         return lora
 
     def merge_weight(self) -> torch.Tensor:
-        """``W + scaling · B @ A`` in the dtype of ``W``."""
-        with torch.no_grad():
-            delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
-            return (self.frozen_W.weight.float() + self.scaling * delta).to(self.frozen_W.weight.dtype)
+        """``W + scaling · B @ A`` in the dtype of ``W`` (:func:`merged_lora_weight`)."""
+        return merged_lora_weight(self.frozen_W.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.frozen_W(x) + self.scaling * self.lora_B(self.lora_A(x))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}"
+
+
+def merged_lora_weight(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The plain weight a LoRA layer computes: ``W + scaling · B @ A``.
+
+    The product and the sum run in float32 whatever the storage dtype, so merging bfloat16 factors rounds once,
+    at the end, to the dtype of ``W``.
+    """
+    with torch.no_grad():
+        return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
+def merge_lora_state_dict(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A state dict with every LoRA triple folded into a plain weight (:func:`merged_lora_weight`), under the
+    base names (``<prefix>.weight`` for ``<prefix>.frozen_W.weight``), as a plain model loads it."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".frozen_W." in key:
+            prefix, leaf = key.split(".frozen_W.")
+            if leaf == "weight":
+                value = merged_lora_weight(
+                    value, state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"], scaling
+                )
+            out[f"{prefix}.{leaf}"] = value
+        else:
+            out[key] = value
+    return out
 
 
 def _load_plain_linear_hook(

@@ -1,4 +1,5 @@
-"""Properties 1-5 of the DSAA contract on tiny Moshi + tiny HF LLM models."""
+"""The DSAA model on tiny Moshi + tiny HF LLM models: text-blind temporal transformer, the LLM branch, the
+projectors, teacher forcing against streaming, parameter groups."""
 
 from __future__ import annotations
 

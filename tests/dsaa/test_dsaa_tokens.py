@@ -1,4 +1,4 @@
-"""Resolution of PAD / EPAD / BOS in the LLM vocabulary (contract: "Special tokens")."""
+"""Resolution of PAD / EPAD / BOS in the LLM vocabulary (rules in ``docs/dsaa.md``)."""
 
 from __future__ import annotations
 

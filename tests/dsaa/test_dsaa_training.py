@@ -1,4 +1,4 @@
-"""DSAA training (contract properties 6 and 9): groups, frozen tensors, the chunked text loss, audio-loss
+"""DSAA training: groups, frozen tensors, the chunked text loss, audio-loss
 skipping, and a run through ``train()`` whose checkpoint loads offline with the trained model's logits."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_steps_change_only_the_trained_groups_at_their_peak_lr(tmp_path, only_te
         sched.step()
 
     proj, finetune = (("text_projector",), ("text_head",)) if only_text else (PROJ, FINETUNE)
-    # Every trainable tensor is in exactly one optimizer group, and the groups are the contract's modules.
+    # Every trainable tensor is in exactly one optimizer group, and the groups are the documented modules.
     by_id = {id(p): n for n, p in model.named_parameters()}
     in_groups = {g["name"]: [by_id[id(p)] for p in g["params"]] for g in opt.param_groups}
     flat = [n for names in in_groups.values() for n in names]

@@ -1,4 +1,4 @@
-"""Reference §10 numeric fixtures: numbers computed with Kyutai's package on the same deterministic weights."""
+"""Numeric fixtures: numbers computed with Kyutai's package on the same deterministic weights."""
 
 import pytest
 import torch
