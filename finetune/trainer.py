@@ -207,8 +207,8 @@ def default_data_factory(args: TrainArgs, family: ModelFamily, device: torch.dev
     from moshi.models import loaders
 
     info = family.info
-    n_q = int(getattr(model, "n_q", 16))
-    mimi = loaders.get_mimi(info.mimi_weights, mimi_config=info.mimi_config, device=device, num_codebooks=n_q // 2)
+    codebooks = loaders.mimi_codebooks_for_lm({"n_q": model.n_q, "dep_q": model.dep_q})
+    mimi = loaders.get_mimi(info.mimi_weights, mimi_config=info.mimi_config, device=device, num_codebooks=codebooks)
     mimi.eval()
     for p in mimi.parameters():
         p.requires_grad_(False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -26,14 +26,6 @@ from finetune.data.manifest import ManifestEntry
 from finetune.logging_utils import get_logger, setup_logging
 
 logger = get_logger(__name__)
-
-
-def lm_audio_codebooks(lm_config: dict[str, Any] | None) -> int:
-    """Mimi codebooks per channel the LM reads: `n_q // 2` (8 for moshiko), as the trainer sets them.
-
-    The count is part of the cache key, so precompute and training must agree on it.
-    """
-    return int((lm_config or {}).get("n_q", 16)) // 2
 
 
 def precompute(entries: Sequence[ManifestEntry], store: CodesStore, rank: int = 0, world_size: int = 1,
@@ -105,7 +97,7 @@ def main(config: str, device: str = "auto", eval: bool = True) -> None:
                                                mimi_weights=mp.mimi_path, tokenizer=mp.tokenizer_path,
                                                config_path=mp.config_path)
     mimi = loaders.get_mimi(info.mimi_weights, mimi_config=info.mimi_config, device=dev,
-                            num_codebooks=lm_audio_codebooks(info.lm_config))
+                            num_codebooks=loaders.mimi_codebooks_for_lm(info.lm_config))
     mimi.eval()
     store = CodesStore(AudioCodec(mimi, device=dev), args.data.cache_dir)
     fr = store.codec.frame_rate
