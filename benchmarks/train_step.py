@@ -8,7 +8,7 @@
 
 Batches are **synthetic random codes** (the codes cache makes Mimi absent from the step, so this is what a
 warm-cache step costs). Weights are random; the model goes through the trainer's own dtype policy and, on
-CUDA, FSDP2 mixed precision (bf16 compute, fp32 trained params). Tokens are counted as upstream:
+CUDA, FSDP2 mixed precision (bf16 compute, fp32 trained params). Tokens are all predicted positions,
 ``(1 + dep_q) · B · T`` per step, per process. Prints one human line and one JSON line per case.
 
 DSAA (``--dsaa``): the tiny DSAA model (the ``tiny`` Moshi + a tiny random Qwen2 LLM) against the same Moshi

@@ -3,7 +3,7 @@
 * One process without torchrun works (world size 1, no process group): tests and the CPU demo.
 * Under torchrun (``WORLD_SIZE`` > 1 or ``LOCAL_RANK`` set) a process group is created: NCCL on
   GPUs, gloo on CPU. The device comes from ``LOCAL_RANK`` and ``torch.cuda.device_count()``;
-  ``CUDA_VISIBLE_DEVICES`` is not required (upstream's ``KeyError``).
+  ``CUDA_VISIBLE_DEVICES`` is not required.
 * FSDP2 (``fully_shard``) wraps each transformer layer, then the root. It runs on gloo too (checked),
   so CPU multi-process tests exercise the same code path as GPUs. On CUDA, even with one GPU, it
   also provides mixed precision: fp32 sharded parameters (the master weights), bf16 compute,
@@ -201,7 +201,7 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
     """Clips to a global L2 norm over all ranks' shards; returns that norm (a plain 0-dim tensor).
 
     ``torch.nn.utils.clip_grad_norm_`` is DTensor-aware: with FSDP2 the per-shard norms are
-    reduced over the mesh before clipping (upstream's FSDP1 call clipped with a shard-local norm).
+    reduced over the mesh before clipping, so every rank clips by the same global norm.
     """
     grads = [p for p in params if p.grad is not None]
     if not grads:

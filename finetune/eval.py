@@ -1,9 +1,7 @@
 """Evaluation: one finite pass over a freshly built eval iterator, token-weighted over ranks.
 
-Fixes upstream's eval (reference 6.9, 9.6): the iterator is rebuilt for every evaluation so each sees
-the same data; losses are weighted means over all ranks' tokens (not a mean of per-batch means with an
-off-by-one divisor); perplexity is `exp` of the natural-log CE (not `2 **`); text and audio losses are
-reported. Every rank runs the same number of batches (a rank that runs out stops all of them), because
+The iterator is rebuilt for every evaluation so each sees the same data; losses are weighted means over
+all ranks' tokens; perplexity is `exp` of the natural-log CE; text and audio losses are reported. Every rank runs the same number of batches (a rank that runs out stops all of them), because
 under FSDP every forward is a collective.
 """
 

@@ -121,7 +121,7 @@ def train_step(
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], device: torch.device) -> torch.optim.AdamW:
-    """AdamW, betas (0.9, 0.95), eps 1e-8, as upstream; fused kernels on CUDA."""
+    """AdamW, betas (0.9, 0.95), eps 1e-8; fused kernels on CUDA."""
     kwargs: dict[str, Any] = {"betas": (0.9, 0.95), "eps": 1e-8}
     if device.type == "cuda":
         kwargs["fused"] = True
@@ -133,7 +133,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], device: torch.device) ->
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.optim.lr_scheduler.OneCycleLR:
     """One OneCycleLR over `total_steps` (all stages); per-group `max_lr` = the group's lr.
 
-    With `optim.cycle_momentum: true` (upstream's behaviour) beta1 cycles 0.95 → 0.85 → 0.95.
+    With `optim.cycle_momentum: true` (the default) beta1 cycles 0.95 → 0.85 → 0.95.
     """
     pct = args.optim.pct_start
     if abs(pct * args.total_steps - 1.0) < 1e-9:

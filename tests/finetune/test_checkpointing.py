@@ -104,7 +104,7 @@ def test_exports_load_through_moshi_loaders_and_give_the_same_logits(tmp_path):
 
     merged_folder = _checkpointer(tmp_path / "run2", model, opt, save_adapters=False).save(2, {})
     cfg2 = json.loads((merged_folder / "consolidated" / "config.json").read_text())
-    assert cfg2["lora"] is False  # upstream wrote true here (reference 7.5)
+    assert cfg2["lora"] is False  # merged weights: loading must not wrap them in fresh LoRA layers
     merged = merged_folder / "consolidated" / "consolidated.safetensors"
     assert not any("lora" in k or "frozen" in k for k in load_file(str(merged)))
     loaded2 = get_moshi_lm(merged, lm_kwargs={k: v for k, v in cfg2.items() if k != "moshi_name"},

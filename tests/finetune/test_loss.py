@@ -1,4 +1,4 @@
-"""The loss of reference 5.4, checked against an explicit per-position loop."""
+"""The training loss, checked against an explicit per-position loop, and the fused chunked text CE."""
 
 import math
 

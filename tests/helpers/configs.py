@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# Reference §4.3: same structure as moshiko-7B (rope, rms_norm_f32, silu gating, per-step depformer weights),
+# Same structure as moshiko-7B (rope, rms_norm_f32, silu gating, per-step depformer weights),
 # tiny sizes. 45 tensors, 182,720 parameters.
 SMALL_LM_KWARGS: dict[str, Any] = {
     "dim": 64,

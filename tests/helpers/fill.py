@@ -1,4 +1,4 @@
-"""Deterministic, portable weight fill (reference §10.1) used by the numeric fixtures.
+"""Deterministic, portable weight fill used by the numeric fixtures.
 
 The value of each element depends only on the state-dict key, the shape and the flat index, through integer
 hashing, so the same numbers come out on any machine and in any framework; that is what lets our fixtures be
@@ -27,7 +27,7 @@ def hash_uniform(key_sum: int, numel: int) -> np.ndarray:
 
 
 def fill_value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The float32 tensor the §10.1 rule assigns to state-dict key ``key`` with shape ``shape``."""
+    """The float32 tensor this fill assigns to state-dict key ``key`` with shape ``shape``."""
     numel = math.prod(shape)
     u = hash_uniform(sum(key.encode("utf-8")), numel)
     last = key.rsplit(".", 1)[-1]
@@ -43,7 +43,7 @@ def fill_value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def fill_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Fills every floating tensor of ``model.state_dict()`` with the §10.1 values, in place.
+    """Fills every floating tensor of ``model.state_dict()`` with this fill's values, in place.
 
     Returns the filled state dict (float32 values, cast to each tensor's dtype on load).
     """

@@ -1,4 +1,4 @@
-"""Builders shared by the LM tests: the §4.3 small model with the §10.1 fill, and the §10.2/§10.3 inputs."""
+"""Builders shared by the LM tests: the small model with the deterministic fill, and the fixture inputs."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from .fill import fill_state_dict
 
 
 def filled_small_lm(dtype: torch.dtype = torch.float32, **overrides: Any) -> LMModel:
-    """The §4.3 small LM with the deterministic §10.1 weights, in eval mode."""
+    """The small LM with the deterministic fill's weights, in eval mode."""
     model = LMModel(**small_lm_kwargs(**overrides), dtype=dtype)
     fill_state_dict(model)
     return model.eval()
 
 
 def fixture_codes(batch: int = 2, steps: int = 6) -> torch.Tensor:
-    """§10.2 codes ``[B, 5, T]``: text ``(11b + 13t) % 100``, audio ``(7b + 3k + 5t) % 32``."""
+    """Fixture codes ``[B, 5, T]``: text ``(11b + 13t) % 100``, audio ``(7b + 3k + 5t) % 32``."""
     b = torch.arange(batch).view(-1, 1, 1)
     t = torch.arange(steps).view(1, 1, -1)
     k = torch.arange(1, 5).view(1, -1, 1)
@@ -30,7 +30,7 @@ def fixture_codes(batch: int = 2, steps: int = 6) -> torch.Tensor:
 
 
 def fixture_user_codes(step: int, batch: int = 2) -> torch.Tensor:
-    """§10.3 user codes of one step ``[B, 2, 1]``: ``(7b + 3(j + 3) + 5s) % 32``."""
+    """Fixture user codes of one step ``[B, 2, 1]``: ``(7b + 3(j + 3) + 5s) % 32``."""
     b = torch.arange(batch).view(-1, 1, 1)
     j = torch.arange(2).view(1, -1, 1)
     return ((7 * b + 3 * (j + 3) + 5 * step) % 32).long()
