@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 ExportWriter = Callable[[Path, dict[str, torch.Tensor], torch.dtype], None]
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """The parts common to both families; subclasses give the model-specific ones.
 
     Args:
@@ -66,16 +67,21 @@ class ModelFamily:
 
     # -- the build (see finetune.model_build.BuildSpec) ---------------------------------------------------
 
+    @abstractmethod
     def source(self, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-        raise NotImplementedError
+        """The model with its weights on CPU (frozen tensors in ``dtype``) and a picklable description from
+        which every rank builds the same skeleton; runs on rank 0 only under FSDP2."""
 
+    @abstractmethod
     def skeleton(self, description: Any, dtype: torch.dtype) -> nn.Module:
-        raise NotImplementedError
+        """The model with every parameter on ``meta``, from :meth:`source`'s description."""
 
-    def prepare(self, model: nn.Module, trained_dtype: torch.dtype) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def prepare(self, model: nn.Module, trained_dtype: torch.dtype) -> Any:
+        """Marks the trained parameters and stores them in ``trained_dtype`` (the fp32 master weights on GPU)."""
 
     def fsdp_unit(self, model: nn.Module) -> Callable[[nn.Module], bool]:
+        """Which modules become FSDP2 units: every Moshi transformer layer."""
         return lambda module: isinstance(module, StreamingTransformerLayer)
 
     def build(self, device: torch.device) -> nn.Module:
@@ -84,23 +90,27 @@ class ModelFamily:
 
     # -- what the trainer uses ----------------------------------------------------------------------------
 
+    @abstractmethod
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """AdamW parameter groups (``params``, ``lr``, ``weight_decay``, ``name``); each ``lr`` is the peak of
+        the one-cycle schedule."""
 
     def loss(self, model: nn.Module) -> MoshiLoss:
+        """The weighted text + audio loss of ``model`` with the config's weights."""
         a = self.args
         return MoshiLoss.for_model(model, a.first_codebook_weight_multiplier, a.text_padding_weight)
 
+    @abstractmethod
     def text_tokenizer(self, model: nn.Module) -> Any:
-        raise NotImplementedError
+        """The tokenizer the data pipeline writes the text stream with (its ids are the model's)."""
 
     def export_writer(self, model: nn.Module) -> ExportWriter | None:
         """The writer of each checkpoint's ``consolidated/`` folder; None: the checkpointer's Moshi format."""
         return None
 
+    @abstractmethod
     def flops_per_frame(self, frames: int) -> int:
         """Training FLOPs of one frame of a ``frames``-long sequence (for the logged MFU)."""
-        raise NotImplementedError
 
 
 def model_family(args: TrainArgs, info: CheckpointInfo | None = None) -> ModelFamily:
