@@ -52,7 +52,7 @@ print(f"\ntext loss: {train[0]['text_loss']:.3f} at step {train[0]['step']} -> {
       f"{train[-1]['step']}; eval loss (text + audio): " + " -> ".join(f"{e['eval_loss']:.3f}" for e in evals))
 model, tokenizer = load_dsaa_model(ckpt, {}, device="cpu", dtype=torch.float32)
 print(f"checkpoint: {ckpt}/ (consolidated.safetensors, config.json, tokenizer/); loaded back offline: "
-      f"{sum(p.numel() for p in model.parameters()):,} parameters, LLM vocabulary {model.dims.text_vocab}")
+      f"{sum(p.numel() for p in model.parameters()):,} parameters, LLM vocabulary {model.text_card}")
 print(f"""
 Load it in Python (no hub access: the LLM is embedded):
     import torch

@@ -270,7 +270,7 @@ def dsaa_states(model: LMModel, sequence: torch.Tensor) -> tuple[torch.Tensor, t
         ``(h [B, T, D_l], a [B, T, D_m])``: the LLM's final-norm state for the text row, and Moshi's
         ``out_norm(transformer(audio embeddings))``. Inside a streaming block both use their caches.
     """
-    z, _ = model._frame_states(sequence)
+    z, _ = model.frame_states(sequence)
     d_l = dsaa_dims(model).text_dim
     return z[..., :d_l], z[..., d_l:]
 
@@ -285,7 +285,7 @@ def dsaa_vectors(model: LMModel, codes: torch.Tensor) -> list[torch.Tensor]:
     """
     path = dsaa_path(model)
     delayed = delay_codes(codes, model.delays, model.initial_tokens(codes.device))
-    z, _ = model._frame_states(delayed[:, :, :-1])
+    z, _ = model.frame_states(delayed[:, :, :-1])
     targets = delayed[:, :, 1:]
     vectors = [z]
     for k in range(model.dep_q):

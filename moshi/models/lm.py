@@ -743,10 +743,10 @@ class LMModel(StreamingContainer):
             ``(z, text_logits [B, 1, T, V])``: ``z [B, T, Z]`` is the per-frame state the depformer reads (the
             temporal output after ``out_norm`` for Moshi).
         """
-        z, text_hidden = self._frame_states(sequence, sum_condition, cross_attention_src)
+        z, text_hidden = self.frame_states(sequence, sum_condition, cross_attention_src)
         return z, self.text_head_module()(text_hidden)[:, None]
 
-    def _frame_states(
+    def frame_states(
         self,
         sequence: torch.Tensor,
         sum_condition: torch.Tensor | None = None,
@@ -801,7 +801,7 @@ class LMModel(StreamingContainer):
         if K != self.num_codebooks:
             raise ValueError(f"codes has {K} streams, expected num_codebooks = {self.num_codebooks}")
         delayed = delay_codes(codes, self.delays, self.initial_tokens(codes.device))
-        z, text_hidden = self._frame_states(delayed[:, :, :-1])
+        z, text_hidden = self.frame_states(delayed[:, :, :-1])
         if self.depformer is not None:
             logits = self.forward_depformer_training(delayed[:, :, 1:], z)
         else:

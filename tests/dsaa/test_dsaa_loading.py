@@ -123,3 +123,20 @@ def test_save_refuses_to_overwrite_and_missing_llm_names_the_key(tmp_path, tiny_
         save_dsaa_checkpoint(model, tmp_path / "ckpt", tokenizer, spec.hf_repo_id)
     with pytest.raises(FileNotFoundError, match="text_llm.hf_repo_id='/nonexistent/llm'"):
         load_llm(TextLLMSpec(hf_repo_id="/nonexistent/llm"))
+
+
+def test_llm_skeleton_has_meta_parameters_and_the_real_rotary_tables(tiny_llm_dir):
+    from torch import nn
+
+    from moshi.models.dsaa_loading import llm_from_config
+
+    register = nn.Module.register_parameter
+    reference = load_llm(TextLLMSpec(hf_repo_id=str(tiny_llm_dir)))
+    skeleton = llm_from_config(reference.config.to_dict(), TextLLMSpec(hf_repo_id=str(tiny_llm_dir)))
+    assert nn.Module.register_parameter is register  # nothing in torch was patched
+    assert all(p.is_meta for p in skeleton.parameters())
+    buffers = dict(reference.named_buffers())
+    assert buffers and set(dict(skeleton.named_buffers())) == set(buffers)
+    for name, buffer in skeleton.named_buffers():
+        assert not buffer.is_meta
+        torch.testing.assert_close(buffer, buffers[name].to(buffer.dtype), rtol=0, atol=0)  # same formula, same op
