@@ -96,6 +96,31 @@ def export_config(base_config: Mapping[str, Any], lora: bool, lora_rank: int, lo
     return cfg
 
 
+ExportWriter = Callable[[Path, dict[str, torch.Tensor], torch.dtype], None]
+
+
+def moshi_export_writer(base_config: Mapping[str, Any], lora: bool, lora_rank: int, lora_scaling: float,
+                        save_adapters: bool) -> ExportWriter:
+    """``write(folder, full state, dtype)`` of a Moshi export that Kyutai's loaders read.
+
+    LoRA runs write the adapters (``lora.safetensors``) or, without ``save_adapters``, the weights with the
+    adapters merged in; full fine-tuning writes every weight (both ``consolidated.safetensors``). Next to the
+    weights goes the base model's ``config.json`` amended by :func:`export_config`.
+    """
+    adapters = lora and save_adapters
+    name = "lora.safetensors" if adapters else "consolidated.safetensors"
+
+    def write(folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        if lora and not save_adapters:
+            state = merge_lora_state_dict(state, lora_scaling)
+        tensors = {k: state[k].to(dtype) if state[k].is_floating_point() else state[k] for k in sorted(state)}
+        atomic_save_safetensors(folder / name, tensors)
+        cfg = export_config(base_config, adapters, lora_rank, lora_scaling)
+        atomic_write_text(folder / "config.json", json.dumps(cfg, indent=4))
+
+    return write
+
+
 def gather_export_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict on rank 0 (empty elsewhere); a collective under FSDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -177,7 +202,7 @@ class Checkpointer:
         num_ckpt_keep (int | None): newest checkpoints kept (None: all).
         fingerprint (dict): config keys a resume must not change (`TrainArgs.resume_fingerprint()`).
         export_writer (callable | None): ``(folder, full state, export dtype) -> None`` writing the export
-            instead of Moshi's format (the model family's `export_writer`).
+            (the model family's `export_writer`); None: :func:`moshi_export_writer` from the LoRA settings.
         fault_hook (callable | None): called as ``hook("before_rename", step)`` once a checkpoint's files are
             written and before it becomes visible (the crash tests kill the process there).
     """
@@ -195,7 +220,7 @@ class Checkpointer:
         export_dtype: torch.dtype,
         num_ckpt_keep: int | None,
         fingerprint: Mapping[str, Any],
-        export_writer: Callable[[Path, dict[str, torch.Tensor], torch.dtype], None] | None = None,
+        export_writer: ExportWriter | None = None,
         fault_hook: Callable[[str, int], None] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -209,7 +234,8 @@ class Checkpointer:
         self.export_dtype = export_dtype
         self.num_ckpt_keep = num_ckpt_keep
         self.fingerprint = json.loads(json.dumps(dict(fingerprint)))
-        self.export_writer = export_writer
+        self.export_writer = export_writer or moshi_export_writer(
+            self.base_config, lora, lora_rank, lora_scaling, save_adapters)
         self.fault_hook = fault_hook
 
     # -- model / optimizer state (sharded, DCP) --------------------------------------------------------------
@@ -305,17 +331,7 @@ class Checkpointer:
 
     def _write_export(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        if self.export_writer is not None:
-            self.export_writer(folder, state, self.export_dtype)
-            return
-        merged = self.lora and not self.save_adapters
-        if merged:
-            state = merge_lora_state_dict(state, self.lora_scaling)
-        tensors = {k: state[k].to(self.export_dtype) if state[k].is_floating_point() else state[k]
-                   for k in sorted(state)}
-        atomic_save_safetensors(folder / self.export_name, tensors)
-        cfg = export_config(self.base_config, self.lora and self.save_adapters, self.lora_rank, self.lora_scaling)
-        atomic_write_text(folder / "config.json", json.dumps(cfg, indent=4))
+        self.export_writer(folder, state, self.export_dtype)
 
     def _apply_retention(self) -> None:
         if self.num_ckpt_keep is None:

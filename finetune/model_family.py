@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from finetune.args import TrainArgs
+from finetune.checkpointing import ExportWriter, moshi_export_writer
 from finetune.loss import MoshiLoss
 from finetune.model_build import build_model, resolve_checkpoint_info, store_trained_in
 from finetune.monitoring.flops import flops_per_frame, llm_flops_per_token
@@ -40,9 +41,6 @@ from moshi.modules.lora import init_lora_for_training, replace_all_linear_with_l
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 
 logger = logging.getLogger(__name__)
-
-ExportWriter = Callable[[Path, dict[str, torch.Tensor], torch.dtype], None]
-
 
 class ModelFamily(ABC):
     """The parts common to both families; subclasses give the model-specific ones.
@@ -104,9 +102,13 @@ class ModelFamily(ABC):
     def text_tokenizer(self, model: nn.Module) -> Any:
         """The tokenizer the data pipeline writes the text stream with (its ids are the model's)."""
 
-    def export_writer(self, model: nn.Module) -> ExportWriter | None:
-        """The writer of each checkpoint's ``consolidated/`` folder; None: the checkpointer's Moshi format."""
-        return None
+    def base_config(self) -> dict[str, Any]:
+        """The base model's raw ``config.json`` (moshiko's keys when the checkpoint has none)."""
+        return dict(self.info.raw_config) if self.info.raw_config is not None else default_lm_kwargs()
+
+    @abstractmethod
+    def export_writer(self, model: nn.Module) -> ExportWriter:
+        """The writer of each checkpoint's ``consolidated/`` folder: ``write(folder, full state, dtype)``."""
 
     @abstractmethod
     def flops_per_frame(self, frames: int) -> int:
@@ -170,6 +172,13 @@ class MoshiFamily(ModelFamily):
 
     def flops_per_frame(self, frames: int) -> int:
         return flops_per_frame(default_lm_kwargs() | dict(self.info.lm_config or {}), frames)
+
+    def export_writer(self, model: nn.Module) -> ExportWriter:
+        """Kyutai's format: adapters (``lora.safetensors``), merged or full weights, plus ``config.json``."""
+        a = self.args
+        lora = a.lora is not None and a.lora.enable and not a.full_finetuning
+        return moshi_export_writer(self.base_config(), lora, a.lora.rank if a.lora else 0,
+                                   a.lora.scaling if a.lora else 0.0, a.save_adapters)
 
 
 # ----------------------------------------------------------------------------- DSAA

@@ -295,9 +295,8 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
         self.scheduler = build_scheduler(self.optimizer, a)
         lora = a.lora is not None and a.lora.enable and not a.full_finetuning
-        base_config = self.info.raw_config if self.info.raw_config is not None else _default_raw_config()
         self.checkpointer = Checkpointer(
-            self.run_dir, self.model, self.optimizer, base_config, lora=lora,
+            self.run_dir, self.model, self.optimizer, self.family.base_config(), lora=lora,
             lora_rank=a.lora.rank if a.lora else 0, lora_scaling=a.lora.scaling if a.lora else 0.0,
             save_adapters=a.save_adapters, export_dtype=dtype_policy(a.param_dtype, self.device).export,
             num_ckpt_keep=a.num_ckpt_keep, fingerprint=a.resume_fingerprint(),
@@ -402,9 +401,3 @@ class Trainer:
         close = getattr(getattr(self, "data", None), "close", None)
         if callable(close):
             close()
-
-
-def _default_raw_config() -> dict[str, Any]:
-    from moshi.models.loaders import default_lm_kwargs
-
-    return default_lm_kwargs()
