@@ -119,7 +119,7 @@ class CompressionModel(StreamingContainer, abc.ABC):
 
     @abc.abstractmethod
     def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
-        """Latent -> audio."""
+        """Latent (the quantiser's decoded codes) -> audio."""
 
     @abc.abstractmethod
     def set_num_codebooks(self, n: int) -> None:
@@ -152,6 +152,65 @@ class CompressionModel(StreamingContainer, abc.ABC):
     @property
     @abc.abstractmethod
     def total_codebooks(self) -> int: ...
+
+
+class WrapperCompressionModel(CompressionModel):
+    """Base of codecs that wrap another one: every call and property goes to ``model`` unless overridden.
+
+    Args:
+        model (CompressionModel): the wrapped codec (a child module, so it streams with the wrapper).
+    """
+
+    def __init__(self, model: CompressionModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> QuantizedResult:
+        return self.model(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(codes)
+
+    def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_latent(codes)
+
+    def set_num_codebooks(self, n: int) -> None:
+        self.model.set_num_codebooks(n)
+
+    @property
+    def quantizer(self) -> BaseQuantizer:
+        return self.model.quantizer
+
+    @property
+    def channels(self) -> int:
+        return self.model.channels
+
+    @property
+    def frame_rate(self) -> float:
+        return self.model.frame_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.model.frame_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    @property
+    def cardinality(self) -> int:
+        return self.model.cardinality
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.model.num_codebooks
+
+    @property
+    def total_codebooks(self) -> int:
+        return self.model.total_codebooks
 
 
 class MimiModel(CompressionModel):
@@ -337,9 +396,12 @@ class MimiModel(CompressionModel):
 
     # ---- decode -----------------------------------------------------------------------------------------------
 
-    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent ``[B, 512, T]`` at 12.5 Hz -> audio ``[B, 1, 1920 * T]``."""
-        emb = latent
+    def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """Latent ``[B, 512, T]`` at 12.5 Hz (``codes`` holds the latent, not codes) -> audio ``[B, 1, 1920 * T]``.
+
+        The parameter keeps the name callers pass it by in Kyutai's API.
+        """
+        emb = codes
         if self.upsample is not None:
             emb = self.upsample(emb)
         if self.decoder_transformer is not None:

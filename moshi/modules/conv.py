@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._unsupported import unsupported_names
 from .streaming import State, StreamingModule
 
 PAD_MODES = ("constant", "replicate")
@@ -31,6 +32,15 @@ _WHOLE_VECTORS = 64
 def _check_norm(norm: str) -> None:
     if norm != "none":
         raise ValueError(f"norm={norm!r} is not supported: only 'none' (weight norm folded into the weights)")
+
+
+def apply_parametrization_norm(module: nn.Module, norm: str = "none") -> nn.Module:
+    """``module`` with the weight parametrisation ``norm``; only ``"none"`` (the module as is) is supported.
+
+    The published Mimi weights have weight norm folded in, so inference needs no parametrisation.
+    """
+    _check_norm(norm)
+    return module
 
 
 def get_extra_padding_for_conv1d(x: torch.Tensor, kernel_size: int, stride: int, padding_total: int = 0) -> int:
@@ -96,8 +106,7 @@ class NormConv1d(nn.Module):
         self, *args: Any, causal: bool = False, norm: str = "none", norm_kwargs: dict | None = None, **kwargs: Any
     ) -> None:
         super().__init__()
-        _check_norm(norm)
-        self.conv = nn.Conv1d(*args, **kwargs)
+        self.conv = apply_parametrization_norm(nn.Conv1d(*args, **kwargs), norm)
         self.causal = causal
         self.norm_type = norm
 
@@ -115,8 +124,7 @@ class NormConvTranspose1d(nn.Module):
         self, *args: Any, causal: bool = False, norm: str = "none", norm_kwargs: dict | None = None, **kwargs: Any
     ) -> None:
         super().__init__()
-        _check_norm(norm)
-        self.convtr = nn.ConvTranspose1d(*args, **kwargs)
+        self.convtr = apply_parametrization_norm(nn.ConvTranspose1d(*args, **kwargs), norm)
         self.causal = causal
         self.norm_type = norm
 
@@ -440,3 +448,7 @@ class StreamingConvTranspose1d(StreamingModule[_ConvTrState]):
         out_channels = self.convtr.convtr.out_channels
         # [B, C_out * S, T] -> [B, C_out, T, S]: phase j of frame t is sample t * S + j.
         return phases.view(batch, out_channels, stride, length).transpose(2, 3).reshape(batch, out_channels, -1)
+
+
+# Kyutai's layer norm over the channels of conv activations serves ``norm="layer_norm"``, which Mimi does not use.
+__getattr__ = unsupported_names(__name__, {"TransposedLayerNorm": "layer norm for norm='layer_norm' convs"})
