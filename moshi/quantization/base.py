@@ -89,9 +89,15 @@ class BaseQuantizer(nn.Module, abc.ABC):
         self._ema_frozen = ema_frozen
 
 
-def _projection(in_dim: int, out_dim: int, force: bool, device: torch.device | str | None,
-                dtype: torch.dtype | None) -> nn.Module:
-    """A bias-free 1x1 conv from ``in_dim`` to ``out_dim`` channels, or the identity when not needed."""
+def projection(
+    in_dim: int,
+    out_dim: int,
+    force: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A bias-free 1x1 conv from ``in_dim`` to ``out_dim`` channels; the identity when the sizes match, unless
+    ``force`` keeps the conv (a checkpoint may hold its weights)."""
     if in_dim == out_dim and not force:
         return nn.Identity()
     return nn.Conv1d(in_dim, out_dim, 1, bias=False, device=device, dtype=dtype)
@@ -122,8 +128,8 @@ class DummyQuantizer(BaseQuantizer):
         self.dimension = dimension
         self.input_dimension = input_dimension or dimension
         self.output_dimension = output_dimension or dimension
-        self.input_proj = _projection(self.input_dimension, dimension, False, device, dtype)
-        self.output_proj = _projection(dimension, self.output_dimension, False, device, dtype)
+        self.input_proj = projection(self.input_dimension, dimension, False, device, dtype)
+        self.output_proj = projection(dimension, self.output_dimension, False, device, dtype)
 
     def forward(self, x: torch.Tensor, frame_rate: int) -> QuantizedResult:
         latent = self.input_proj(x)

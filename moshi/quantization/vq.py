@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BaseQuantizer, QuantizedResult, _projection
+from .base import BaseQuantizer, QuantizedResult, projection
 from .core_vq import ResidualVectorQuantization
 
 
@@ -82,8 +82,8 @@ class ResidualVectorQuantizer(BaseQuantizer):
         self.max_n_q = n_q
         self.n_q = n_q
         self.bins = bins
-        self.input_proj = _projection(self.input_dimension, dimension, force_projection, device, dtype)
-        self.output_proj = _projection(dimension, self.output_dimension, force_projection, device, dtype)
+        self.input_proj = projection(self.input_dimension, dimension, force_projection, device, dtype)
+        self.output_proj = projection(dimension, self.output_dimension, force_projection, device, dtype)
         self.vq = ResidualVectorQuantization(
             num_quantizers=n_q, codebook_offset=codebook_offset, dim=dimension, codebook_size=bins, decay=decay,
             epsilon=epsilon, threshold_usage_ratio=threshold_usage_ratio, replaced_usage_ratio=replaced_usage_ratio,
