@@ -29,8 +29,12 @@ PAD_MODES = ("constant", "replicate")
 _WHOLE_VECTORS = 64
 
 
+# Weight parametrisations a conv accepts: the published weights have weight norm folded in.
+CONV_NORMALIZATIONS = frozenset({"none"})
+
+
 def _check_norm(norm: str) -> None:
-    if norm != "none":
+    if norm not in CONV_NORMALIZATIONS:
         raise ValueError(f"norm={norm!r} is not supported: only 'none' (weight norm folded into the weights)")
 
 

@@ -488,6 +488,30 @@ def test_kyutai_public_name_resolves_with_the_same_parameters(module, path, sign
     assert _signature_problems(fn, signature) == []
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("DEFAULT_REPO", "kyutai/moshiko-pytorch-bf16"),
+        ("MOSHI_NAME", "model.safetensors"),
+        ("MOSHI_Q8_NAME", "model.q8.safetensors"),
+        ("MIMI_NAME", "tokenizer-e351c8d8-checkpoint125.safetensors"),
+        ("TEXT_TOKENIZER_NAME", "tokenizer_spm_32k_3.model"),
+        ("SAMPLE_RATE", 24000),
+        ("FRAME_RATE", 12.5),
+    ],
+)
+def test_loader_constants_have_kyutai_values(name, value):
+    assert getattr(loaders, name) == value
+
+
+def test_package_version_and_conv_normalizations():
+    import moshi
+    from moshi.modules.conv import CONV_NORMALIZATIONS
+
+    assert isinstance(moshi.__version__, str) and moshi.__version__
+    assert "none" in CONV_NORMALIZATIONS  # the only weight parametrisation Mimi's inference needs
+
+
 def test_signature_check_rejects_renamed_reordered_and_required_extra_parameters():
     def same(a, b=1, *args, c=2, **kwargs): ...
 
