@@ -19,6 +19,7 @@ Audio contract:
 
 from __future__ import annotations
 
+import abc
 import copy
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..modules.resample import ConvDownsample1d, ConvTrUpsample1d
 from ..modules.seanet import SEANetDecoder, SEANetEncoder
 from ..modules.streaming import StreamingContainer
 from ..modules.transformer import ProjectedTransformer
-from ..quantization import SplitResidualVectorQuantizer
+from ..quantization import BaseQuantizer, QuantizedResult, SplitResidualVectorQuantizer
 
 # Kyutai's Mimi configuration (reference §6.1).
 DEFAULT_MIMI_CONFIG: dict[str, Any] = {
@@ -101,21 +102,138 @@ TINY_MIMI_CONFIG: dict[str, Any] = {
 _CONFIG_KEYS = ("sample_rate", "channels", "frame_rate", "seanet", "quantizer", "transformer")
 
 
-class MimiModel(StreamingContainer):
+class CompressionModel(StreamingContainer, abc.ABC):
+    """A streaming audio codec: audio ``[B, channels, L]`` <-> codes ``[B, K, T]`` at :attr:`frame_rate`."""
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> QuantizedResult:
+        """Encodes and decodes ``x``; the result's ``x`` is the decoded audio."""
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Audio -> codes."""
+
+    @abc.abstractmethod
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes -> audio."""
+
+    @abc.abstractmethod
+    def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """Latent (the quantiser's decoded codes) -> audio."""
+
+    @abc.abstractmethod
+    def set_num_codebooks(self, n: int) -> None:
+        """Sets how many codebooks :meth:`encode` returns."""
+
+    @property
+    @abc.abstractmethod
+    def channels(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def frame_rate(self) -> float: ...
+
+    @property
+    @abc.abstractmethod
+    def frame_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def sample_rate(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def cardinality(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def num_codebooks(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def total_codebooks(self) -> int: ...
+
+
+class WrapperCompressionModel(CompressionModel):
+    """Base of codecs that wrap another one: every call and property goes to ``model`` unless overridden.
+
+    Args:
+        model (CompressionModel): the wrapped codec (a child module, so it streams with the wrapper).
+    """
+
+    def __init__(self, model: CompressionModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> QuantizedResult:
+        return self.model(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(codes)
+
+    def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_latent(codes)
+
+    def set_num_codebooks(self, n: int) -> None:
+        self.model.set_num_codebooks(n)
+
+    @property
+    def quantizer(self) -> BaseQuantizer:
+        return self.model.quantizer
+
+    @property
+    def channels(self) -> int:
+        return self.model.channels
+
+    @property
+    def frame_rate(self) -> float:
+        return self.model.frame_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.model.frame_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    @property
+    def cardinality(self) -> int:
+        return self.model.cardinality
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.model.num_codebooks
+
+    @property
+    def total_codebooks(self) -> int:
+        return self.model.total_codebooks
+
+
+class MimiModel(CompressionModel):
     """The Mimi codec (inference).
 
     Args:
         encoder (SEANetEncoder): waveform -> latent at ``encoder_frame_rate``.
         decoder (SEANetDecoder): latent at ``encoder_frame_rate`` -> waveform.
-        quantizer (SplitResidualVectorQuantizer): latent at ``frame_rate`` <-> codes.
-        channels (int): audio channels (1).
-        sample_rate (int): audio sample rate (24000).
+        quantizer (BaseQuantizer): latent at ``frame_rate`` <-> codes (Mimi's is a
+            :class:`SplitResidualVectorQuantizer`).
         frame_rate (float): code frame rate (12.5).
         encoder_frame_rate (float): rate of the SEANet latent (25.0).
+        sample_rate (int): audio sample rate (24000).
+        channels (int): audio channels (1).
         causal (bool): must be True.
-        resample_method (str): only ``"conv"`` (learnt downsample and depthwise upsample) is supported.
         encoder_transformer (ProjectedTransformer | None): runs on the encoder latent.
         decoder_transformer (ProjectedTransformer | None): runs on the upsampled latent.
+        resample_method (str): only ``"conv"`` (learnt resampling convs) is supported.
+        upsample_channel_wise_bug (bool): the upsample is depthwise (one kernel per channel), as in the
+            published Mimi; False makes it a full transposed conv.
+        freeze_encoder (bool): training only; must be False.
+        freeze_quantizer (bool): training only; must be False.
+        freeze_quantizer_level (int): training only; must be -1.
         device (torch.device | str | None): where the resampling convs live.
         dtype (torch.dtype | None): their dtype.
     """
@@ -124,15 +242,19 @@ class MimiModel(StreamingContainer):
         self,
         encoder: SEANetEncoder,
         decoder: SEANetDecoder,
-        quantizer: SplitResidualVectorQuantizer,
-        channels: int,
-        sample_rate: int,
+        quantizer: BaseQuantizer,
         frame_rate: float,
         encoder_frame_rate: float,
+        sample_rate: int,
+        channels: int,
         causal: bool = True,
-        resample_method: str = "conv",
         encoder_transformer: ProjectedTransformer | None = None,
         decoder_transformer: ProjectedTransformer | None = None,
+        resample_method: str = "conv",
+        upsample_channel_wise_bug: bool = True,
+        freeze_encoder: bool = False,
+        freeze_quantizer: bool = False,
+        freeze_quantizer_level: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -141,6 +263,11 @@ class MimiModel(StreamingContainer):
             raise ValueError("causal=False is not supported: Mimi is a causal codec")
         if resample_method != "conv":
             raise ValueError(f"resample_method must be 'conv', got {resample_method!r}")
+        if freeze_encoder or freeze_quantizer or freeze_quantizer_level != -1:
+            raise ValueError(
+                "freeze_encoder, freeze_quantizer and freeze_quantizer_level are Mimi-training options, not "
+                "supported by this package (Mimi is always frozen here)"
+            )
         self.encoder = encoder
         self.decoder = decoder
         self.encoder_transformer = encoder_transformer
@@ -163,8 +290,11 @@ class MimiModel(StreamingContainer):
                     f"encoder_frame_rate {encoder_frame_rate} must be a whole multiple of frame_rate {frame_rate}"
                 )
             dimension = encoder.dimension
-            self.downsample = ConvDownsample1d(int(stride), dimension, device=device, dtype=dtype)
-            self.upsample = ConvTrUpsample1d(int(stride), dimension, device=device, dtype=dtype)
+            factory = {"device": device, "dtype": dtype}
+            self.downsample = ConvDownsample1d(int(stride), dimension, learnt=True, **factory)
+            self.upsample = ConvTrUpsample1d(
+                int(stride), dimension, learnt=True, channel_wise=upsample_channel_wise_bug, **factory
+            )
 
     # ---- properties -------------------------------------------------------------------------------------------
 
@@ -266,9 +396,12 @@ class MimiModel(StreamingContainer):
 
     # ---- decode -----------------------------------------------------------------------------------------------
 
-    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent ``[B, 512, T]`` at 12.5 Hz -> audio ``[B, 1, 1920 * T]``."""
-        emb = latent
+    def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """Latent ``[B, 512, T]`` at 12.5 Hz (``codes`` holds the latent, not codes) -> audio ``[B, 1, 1920 * T]``.
+
+        The parameter keeps the name callers pass it by in Kyutai's API.
+        """
+        emb = codes
         if self.upsample is not None:
             emb = self.upsample(emb)
         if self.decoder_transformer is not None:
@@ -276,14 +409,23 @@ class MimiModel(StreamingContainer):
         return self.decoder(emb)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes ``[B, K, T]`` (any ``1 ≤ K ≤ total_codebooks``) -> audio ``[B, 1, 1920 * T]``, not trimmed."""
-        if codes.dim() != 3:
-            raise ValueError(f"codes must be [B, K, T], got shape {tuple(codes.shape)}")
-        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        """Codes ``[B, K, T]`` (any ``1 ≤ K ≤ total_codebooks``) -> audio ``[B, 1, 1920 * T]``, not trimmed.
+
+        The quantiser checks the codes' layout (a :class:`~moshi.quantization.DummyQuantizer` takes floats).
+        """
         if codes.shape[-1] == 0:
             raise ValueError("codes are empty (T = 0)")
         return self.decode_latent(self.quantizer.decode(codes))
+
+    def forward(self, x: torch.Tensor) -> QuantizedResult:
+        """Audio ``[B, 1, L]`` -> its reconstruction through the codes (trimmed to ``L``), with the codes.
+
+        The quantiser must be in eval mode (its codebooks are frozen); see :meth:`encode` for the audio layout.
+        """
+        length = x.shape[-1]
+        quantized = self.quantizer(self._to_latent(self._prepare_audio(x)), self.frame_rate)
+        audio = self.decode_latent(quantized.x)[..., :length]
+        return QuantizedResult(audio, quantized.codes, quantized.bandwidth, quantized.penalty, quantized.metrics)
 
 
 def _check_config(config: dict[str, Any]) -> None:
@@ -337,10 +479,10 @@ def build_mimi(
         encoder,
         decoder,
         quantizer,
-        channels=config["channels"],
-        sample_rate=config["sample_rate"],
         frame_rate=config["frame_rate"],
         encoder_frame_rate=encoder_frame_rate,
+        sample_rate=config["sample_rate"],
+        channels=config["channels"],
         causal=True,
         encoder_transformer=encoder_transformer,
         decoder_transformer=decoder_transformer,

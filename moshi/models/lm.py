@@ -883,3 +883,12 @@ __all__ = [
     "delay_codes",
     "undelay_logits",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Resolves ``LMGen`` lazily: it lives in :mod:`moshi.models.lm_gen`, which imports this module."""
+    if name == "LMGen":
+        from .lm_gen import LMGen
+
+        return LMGen
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

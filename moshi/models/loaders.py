@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._unsupported import unsupported_names
 from ..modules.lora import (
     LoRALinear,
     init_lora_for_training,
@@ -489,3 +490,13 @@ def get_mimi(
         check_state_dict_keys(path, result.missing_keys, result.unexpected_keys)
     model.set_num_codebooks(num_codebooks)
     return model.eval()
+
+
+# Loader functions of Kyutai's package for conditioned (TTS) models, which this package does not build.
+__getattr__ = unsupported_names(
+    __name__,
+    {
+        name: "conditioner construction for TTS and conditioned generation"
+        for name in ("get_conditioner", "get_conditioner_provider", "get_condition_fuser")
+    },
+)

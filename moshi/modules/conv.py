@@ -16,10 +16,12 @@ the published weights have folded away).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .._unsupported import unsupported_names
 from .streaming import State, StreamingModule
 
 PAD_MODES = ("constant", "replicate")
@@ -27,28 +29,108 @@ PAD_MODES = ("constant", "replicate")
 _WHOLE_VECTORS = 64
 
 
+# Weight parametrisations a conv accepts: the published weights have weight norm folded in.
+CONV_NORMALIZATIONS = frozenset({"none"})
+
+
 def _check_norm(norm: str) -> None:
-    if norm != "none":
+    if norm not in CONV_NORMALIZATIONS:
         raise ValueError(f"norm={norm!r} is not supported: only 'none' (weight norm folded into the weights)")
 
 
-class _Conv1dHolder(nn.Module):
-    """Holds the ``nn.Conv1d`` at ``.conv`` (gives the ``conv.conv.weight`` key nesting)."""
+def apply_parametrization_norm(module: nn.Module, norm: str = "none") -> nn.Module:
+    """``module`` with the weight parametrisation ``norm``; only ``"none"`` (the module as is) is supported.
 
-    def __init__(self, conv: nn.Conv1d) -> None:
+    The published Mimi weights have weight norm folded in, so inference needs no parametrisation.
+    """
+    _check_norm(norm)
+    return module
+
+
+def get_extra_padding_for_conv1d(x: torch.Tensor, kernel_size: int, stride: int, padding_total: int = 0) -> int:
+    """Zeros to append to ``x [..., L]`` (already padded by ``padding_total``) so that its last window is full.
+
+    A conv of kernel ``kernel_size`` and stride ``stride`` drops the samples after its last full window; with
+    these extra samples every input sample reaches an output frame, and the output has
+    ``ceil((L - kernel_size + padding_total) / stride) + 1`` frames.
+    """
+    length = x.shape[-1]
+    frames = -(-(length - kernel_size + padding_total) // stride) + 1
+    needed = (frames - 1) * stride + kernel_size - padding_total
+    return max(needed - length, 0)
+
+
+def pad_for_conv1d(x: torch.Tensor, kernel_size: int, stride: int, padding_total: int = 0) -> torch.Tensor:
+    """``x`` right-padded with zeros by :func:`get_extra_padding_for_conv1d` (whole windows only)."""
+    extra = get_extra_padding_for_conv1d(x, kernel_size, stride, padding_total)
+    return nn.functional.pad(x, (0, extra))
+
+
+def pad1d(
+    x: torch.Tensor, paddings: tuple[int, int], mode: str = "constant", value: float = 0.0
+) -> torch.Tensor:
+    """Pads the last axis of ``x`` by ``paddings = (left, right)``.
+
+    ``mode="reflect"`` also works on inputs no longer than a padding (where ``torch`` refuses): the input is
+    first extended with zeros on the right, reflected, and the zeros are cut again.
+    """
+    left, right = paddings
+    if left < 0 or right < 0:
+        raise ValueError(f"paddings must be non-negative, got {paddings}")
+    if mode != "reflect":
+        return nn.functional.pad(x, (left, right), mode, value)
+    length = x.shape[-1]
+    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    if extra:
+        x = nn.functional.pad(x, (0, extra))
+    padded = nn.functional.pad(x, (left, right), mode)
+    return padded[..., : padded.shape[-1] - extra]
+
+
+def unpad1d(x: torch.Tensor, paddings: tuple[int, int]) -> torch.Tensor:
+    """Removes ``paddings = (left, right)`` samples from the ends of the last axis (inverse of :func:`pad1d`)."""
+    left, right = paddings
+    if left < 0 or right < 0 or left + right > x.shape[-1]:
+        raise ValueError(f"cannot remove paddings {paddings} from a length of {x.shape[-1]}")
+    return x[..., left : x.shape[-1] - right]
+
+
+class NormConv1d(nn.Module):
+    """An ``nn.Conv1d`` at ``.conv`` (gives the ``conv.conv.weight`` key nesting of Mimi's checkpoints).
+
+    Args:
+        *args: positional arguments of ``nn.Conv1d``.
+        causal (bool): recorded for the owner; the conv itself pads nothing.
+        norm (str): must be ``"none"``: the published weights have weight norm folded in.
+        norm_kwargs (dict | None): arguments of the norm (none apply with ``"none"``).
+        **kwargs: keyword arguments of ``nn.Conv1d``.
+    """
+
+    def __init__(
+        self, *args: Any, causal: bool = False, norm: str = "none", norm_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
         super().__init__()
-        self.conv = conv
+        self.conv = apply_parametrization_norm(nn.Conv1d(*args, **kwargs), norm)
+        self.causal = causal
+        self.norm_type = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 
-class _ConvTranspose1dHolder(nn.Module):
-    """Holds the ``nn.ConvTranspose1d`` at ``.convtr`` (gives the ``convtr.convtr.weight`` key nesting)."""
+class NormConvTranspose1d(nn.Module):
+    """An ``nn.ConvTranspose1d`` at ``.convtr`` (gives the ``convtr.convtr.weight`` key nesting).
 
-    def __init__(self, convtr: nn.ConvTranspose1d) -> None:
+    Takes the same arguments as :class:`NormConv1d`, for ``nn.ConvTranspose1d``.
+    """
+
+    def __init__(
+        self, *args: Any, causal: bool = False, norm: str = "none", norm_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
         super().__init__()
-        self.convtr = convtr
+        self.convtr = apply_parametrization_norm(nn.ConvTranspose1d(*args, **kwargs), norm)
+        self.causal = causal
+        self.norm_type = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convtr(x)
@@ -118,6 +200,7 @@ class StreamingConv1d(StreamingModule[_ConvState]):
         bias (bool): add a bias.
         causal (bool): must be True (only causal convs exist in Moshi's codec).
         norm (str): must be ``"none"``.
+        norm_kwargs (dict | None): arguments of the norm (none apply with ``"none"``).
         pad_mode (str): ``"constant"`` (zeros) or ``"replicate"`` (copies of the first sample).
         device (torch.device | str | None): where the weights live.
         dtype (torch.dtype | None): weight dtype.
@@ -136,6 +219,7 @@ class StreamingConv1d(StreamingModule[_ConvState]):
         bias: bool = True,
         causal: bool = True,
         norm: str = "none",
+        norm_kwargs: dict | None = None,
         pad_mode: str = "constant",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -143,17 +227,14 @@ class StreamingConv1d(StreamingModule[_ConvState]):
         super().__init__()
         if not causal:
             raise ValueError("causal=False is not supported: Mimi's convolutions are causal")
-        _check_norm(norm)
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         effective_kernel = (kernel_size - 1) * dilation + 1
         if effective_kernel < stride:
             raise ValueError(f"effective kernel size {effective_kernel} is smaller than the stride {stride}")
-        self.conv = _Conv1dHolder(
-            nn.Conv1d(
-                in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups, bias=bias,
-                device=device, dtype=dtype,
-            )
+        self.conv = NormConv1d(
+            in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups, bias=bias,
+            causal=causal, norm=norm, norm_kwargs=norm_kwargs, device=device, dtype=dtype,
         )
         self.pad_mode = pad_mode
         self.padding_total = effective_kernel - stride
@@ -270,6 +351,8 @@ class StreamingConvTranspose1d(StreamingModule[_ConvTrState]):
         bias (bool): add a bias.
         causal (bool): must be True.
         norm (str): must be ``"none"``.
+        trim_right_ratio (float): share of the ``K - S`` overhang trimmed on the right; must be 1.0 (causal).
+        norm_kwargs (dict | None): arguments of the norm (none apply with ``"none"``).
         device (torch.device | str | None): where the weights live.
         dtype (torch.dtype | None): weight dtype.
     """
@@ -284,19 +367,21 @@ class StreamingConvTranspose1d(StreamingModule[_ConvTrState]):
         bias: bool = True,
         causal: bool = True,
         norm: str = "none",
+        trim_right_ratio: float = 1.0,
+        norm_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not causal:
             raise ValueError("causal=False is not supported: Mimi's convolutions are causal")
-        _check_norm(norm)
+        if trim_right_ratio != 1.0:
+            raise ValueError(f"trim_right_ratio={trim_right_ratio} is not supported: a causal conv trims right")
         if kernel_size < stride:
             raise ValueError(f"kernel_size {kernel_size} is smaller than the stride {stride}")
-        self.convtr = _ConvTranspose1dHolder(
-            nn.ConvTranspose1d(
-                in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias, device=device, dtype=dtype
-            )
+        self.convtr = NormConvTranspose1d(
+            in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias, causal=causal, norm=norm,
+            norm_kwargs=norm_kwargs, device=device, dtype=dtype,
         )
         self.context_frames = -(-kernel_size // stride) - 1
         self._cache_key: tuple | None = None
@@ -367,3 +452,7 @@ class StreamingConvTranspose1d(StreamingModule[_ConvTrState]):
         out_channels = self.convtr.convtr.out_channels
         # [B, C_out * S, T] -> [B, C_out, T, S]: phase j of frame t is sample t * S + j.
         return phases.view(batch, out_channels, stride, length).transpose(2, 3).reshape(batch, out_channels, -1)
+
+
+# Kyutai's layer norm over the channels of conv activations serves ``norm="layer_norm"``, which Mimi does not use.
+__getattr__ = unsupported_names(__name__, {"TransposedLayerNorm": "layer norm for norm='layer_norm' convs"})

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .conv import StreamingConv1d, StreamingConvTranspose1d
-from .streaming import StreamingModule
+from .streaming import StreamingContainer, StreamingModule
 
 # Long calls run the high-rate stages (where 10 s of audio make 61 MB activations) in time blocks of about
 # BLOCK_SAMPLES audio samples per batch item: block-sized tensors stay in cache and reuse freed memory, where
@@ -38,8 +38,10 @@ def _activation(name: str, params: dict | None) -> nn.Module:
     return cls(**(params or {}))
 
 
-class SEANetResnetBlock(nn.Module):
+class SEANetResnetBlock(StreamingContainer):
     """Residual block ``x + block(x)``, ``block`` = [act, conv(dim→dim/compress), act, conv(→dim)].
+
+    It streams on its own (``with block.streaming(B):``): its convs keep their left context between calls.
 
     Args:
         dim (int): channels.
@@ -48,6 +50,7 @@ class SEANetResnetBlock(nn.Module):
         activation (str): ``torch.nn`` activation name.
         activation_params (dict | None): its keyword arguments.
         norm (str): must be ``"none"``.
+        norm_params (dict | None): arguments of the norm (none apply with ``"none"``).
         causal (bool): must be True.
         pad_mode (str): padding of the convs.
         compress (int): channel reduction of the hidden layer.
@@ -64,6 +67,7 @@ class SEANetResnetBlock(nn.Module):
         activation: str = "ELU",
         activation_params: dict | None = None,
         norm: str = "none",
+        norm_params: dict | None = None,
         causal: bool = True,
         pad_mode: str = "constant",
         compress: int = 2,
@@ -82,8 +86,8 @@ class SEANetResnetBlock(nn.Module):
             layers += [
                 _activation(activation, activation_params),
                 StreamingConv1d(
-                    in_ch, out_ch, kernel_size, dilation=dilation, norm=norm, causal=causal, pad_mode=pad_mode,
-                    device=device, dtype=dtype,
+                    in_ch, out_ch, kernel_size, dilation=dilation, norm=norm, norm_kwargs=norm_params, causal=causal,
+                    pad_mode=pad_mode, device=device, dtype=dtype,
                 ),
             ]
         self.block = nn.Sequential(*layers)
@@ -92,7 +96,8 @@ class SEANetResnetBlock(nn.Module):
             self.shortcut = nn.Identity()
         else:
             self.shortcut = StreamingConv1d(
-                dim, dim, 1, norm=norm, causal=causal, pad_mode=pad_mode, device=device, dtype=dtype
+                dim, dim, 1, norm=norm, norm_kwargs=norm_params, causal=causal, pad_mode=pad_mode, device=device,
+                dtype=dtype,
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,15 +175,23 @@ def _run_in_blocks(layers: nn.Sequential, x: torch.Tensor, block: int) -> torch.
     return torch.cat(outputs, dim=-1)
 
 
-def _check_common(causal: bool, lstm: int) -> None:
+def _block_kwargs(conv: dict) -> dict:
+    """Conv keyword arguments under :class:`SEANetResnetBlock`'s names (its ``norm_params`` is ``norm_kwargs``)."""
+    kwargs = dict(conv)
+    kwargs["norm_params"] = kwargs.pop("norm_kwargs")
+    return kwargs
+
+
+def _check_causal(causal: bool) -> None:
     if not causal:
         raise ValueError("seanet causal=False is not supported")
-    if lstm:
-        raise ValueError(f"seanet lstm={lstm} is not supported (Mimi uses no LSTM)")
 
 
-class SEANetEncoder(nn.Module):
+class SEANetEncoder(StreamingContainer):
     """Waveform ``[B, channels, L]`` -> latent ``[B, dimension, L / prod(ratios)]``.
+
+    It streams on its own (``with encoder.streaming(B):``), each call taking a multiple of ``hop_length``
+    samples.
 
     Args:
         channels (int): audio channels.
@@ -189,6 +202,7 @@ class SEANetEncoder(nn.Module):
         activation (str): ``torch.nn`` activation name.
         activation_params (dict | None): its keyword arguments.
         norm (str): must be ``"none"``.
+        norm_params (dict | None): arguments of the norm (none apply with ``"none"``).
         kernel_size (int): kernel of the first conv.
         last_kernel_size (int): kernel of the last conv.
         residual_kernel_size (int): kernel of the residual blocks' first conv.
@@ -197,8 +211,9 @@ class SEANetEncoder(nn.Module):
         pad_mode (str): padding of the convs.
         true_skip (bool): identity shortcuts in the residual blocks.
         compress (int): channel reduction inside the residual blocks.
-        lstm (int): must be 0.
         disable_norm_outer_blocks (int): accepted for config compatibility (no effect with ``norm="none"``).
+        mask_fn (nn.Module | None): must be None (masking a layer's output is a training feature).
+        mask_position (int | None): layer index ``mask_fn`` would follow; ignored without it.
         device (torch.device | str | None): where the weights live.
         dtype (torch.dtype | None): weight dtype.
     """
@@ -213,6 +228,7 @@ class SEANetEncoder(nn.Module):
         activation: str = "ELU",
         activation_params: dict | None = None,
         norm: str = "none",
+        norm_params: dict | None = None,
         kernel_size: int = 7,
         last_kernel_size: int = 7,
         residual_kernel_size: int = 3,
@@ -221,13 +237,16 @@ class SEANetEncoder(nn.Module):
         pad_mode: str = "constant",
         true_skip: bool = True,
         compress: int = 2,
-        lstm: int = 0,
         disable_norm_outer_blocks: int = 0,
+        mask_fn: nn.Module | None = None,
+        mask_position: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_common(causal, lstm)
+        _check_causal(causal)
+        if mask_fn is not None:
+            raise ValueError("SEANetEncoder mask_fn is not supported by this package (a training feature)")
         self.channels = channels
         self.dimension = dimension
         self.ratios = list(reversed(ratios))
@@ -235,7 +254,10 @@ class SEANetEncoder(nn.Module):
         for ratio in self.ratios:
             self.hop_length *= ratio
         act = {"activation": activation, "activation_params": activation_params or {"alpha": 1.0}}
-        conv = {"norm": norm, "causal": causal, "pad_mode": pad_mode, "device": device, "dtype": dtype}
+        conv = {
+            "norm": norm, "norm_kwargs": norm_params, "causal": causal, "pad_mode": pad_mode, "device": device,
+            "dtype": dtype,
+        }
         mult = 1
         layers: list[nn.Module] = [StreamingConv1d(channels, n_filters, kernel_size, **conv)]
         for ratio in self.ratios:
@@ -244,7 +266,7 @@ class SEANetEncoder(nn.Module):
                 layers.append(
                     SEANetResnetBlock(
                         width, kernel_sizes=(residual_kernel_size, 1), dilations=(dilation_base**j, 1),
-                        compress=compress, true_skip=true_skip, **act, **conv,
+                        compress=compress, true_skip=true_skip, **act, **_block_kwargs(conv),
                     )
                 )
             layers.append(_activation(act["activation"], act["activation_params"]))
@@ -272,11 +294,13 @@ class SEANetEncoder(nn.Module):
         return run_layers(self.model[self._blocked_layers :], high_rate)
 
 
-class SEANetDecoder(nn.Module):
+class SEANetDecoder(StreamingContainer):
     """Latent ``[B, dimension, T]`` -> waveform ``[B, channels, T * prod(ratios)]``.
 
-    Takes the same arguments as :class:`SEANetEncoder` (ratios applied in the given order), plus
-    ``final_activation`` (``torch.nn`` name or None; Mimi has none).
+    Takes the same arguments as :class:`SEANetEncoder` (ratios applied in the given order, no mask), plus
+    ``final_activation`` (``torch.nn`` name or None; Mimi has none) and its ``final_activation_params``, and
+    ``trim_right_ratio`` (must be 1.0: a causal decoder trims on the right). It streams on its own, any
+    number of frames per call.
     """
 
     def __init__(
@@ -291,6 +315,7 @@ class SEANetDecoder(nn.Module):
         final_activation: str | None = None,
         final_activation_params: dict | None = None,
         norm: str = "none",
+        norm_params: dict | None = None,
         kernel_size: int = 7,
         last_kernel_size: int = 7,
         residual_kernel_size: int = 3,
@@ -299,14 +324,13 @@ class SEANetDecoder(nn.Module):
         pad_mode: str = "constant",
         true_skip: bool = True,
         compress: int = 2,
-        lstm: int = 0,
         disable_norm_outer_blocks: int = 0,
         trim_right_ratio: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_common(causal, lstm)
+        _check_causal(causal)
         if trim_right_ratio != 1.0:
             raise ValueError(f"trim_right_ratio={trim_right_ratio} is not supported (causal decoders trim right)")
         self.channels = channels
@@ -316,7 +340,7 @@ class SEANetDecoder(nn.Module):
         for ratio in self.ratios:
             self.hop_length *= ratio
         act = {"activation": activation, "activation_params": activation_params or {"alpha": 1.0}}
-        conv = {"norm": norm, "causal": causal, "device": device, "dtype": dtype}
+        conv = {"norm": norm, "norm_kwargs": norm_params, "causal": causal, "device": device, "dtype": dtype}
         mult = 2 ** len(self.ratios)
         layers: list[nn.Module] = [
             StreamingConv1d(dimension, mult * n_filters, kernel_size, pad_mode=pad_mode, **conv)
@@ -329,7 +353,8 @@ class SEANetDecoder(nn.Module):
                 layers.append(
                     SEANetResnetBlock(
                         width // 2, kernel_sizes=(residual_kernel_size, 1), dilations=(dilation_base**j, 1),
-                        compress=compress, true_skip=true_skip, pad_mode=pad_mode, **act, **conv,
+                        compress=compress, true_skip=true_skip, pad_mode=pad_mode, **act,
+                        **_block_kwargs(conv),
                     )
                 )
             mult //= 2

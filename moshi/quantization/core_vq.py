@@ -35,7 +35,11 @@ class EuclideanCodebook(nn.Module):
     Args:
         dim (int): size of each codeword.
         codebook_size (int): number of codewords.
+        decay (float): EMA decay of codebook training; kept for the constructor's signature (no training here).
         epsilon (float): lower bound of ``cluster_usage`` when turning the sums into centroids.
+        threshold_usage_ratio (float): training only (dead-code replacement threshold).
+        replaced_usage_ratio (float): training only (usage given to a replaced code).
+        check_unused_every (int): training only (steps between dead-code checks).
         device (torch.device | str | None): where the buffers live.
 
     Note:
@@ -46,12 +50,24 @@ class EuclideanCodebook(nn.Module):
     """
 
     def __init__(
-        self, dim: int, codebook_size: int, epsilon: float = 1e-5, device: torch.device | str | None = None
+        self,
+        dim: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        threshold_usage_ratio: float = 0.1,
+        replaced_usage_ratio: float = 1.0,
+        check_unused_every: int = 5,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.codebook_size = codebook_size
+        self.decay = decay
         self.epsilon = epsilon
+        self.threshold_usage_ratio = threshold_usage_ratio
+        self.replaced_usage_ratio = replaced_usage_ratio
+        self.check_unused_every = check_unused_every
         f32 = {"device": device, "dtype": torch.float32}
         self.register_buffer("_initialized", torch.ones(1, **f32))
         self.register_buffer("cluster_usage", torch.ones(codebook_size, **f32))
@@ -100,15 +116,30 @@ class VectorQuantization(nn.Module):
     Args:
         dim (int): latent size.
         codebook_size (int): number of codewords.
+        codebook_dim (int | None): codeword size; must be None or ``dim`` (no projection around the codebook).
+        decay (float): see :class:`EuclideanCodebook`.
         epsilon (float): see :class:`EuclideanCodebook`.
-        device (torch.device | str | None): where the buffers live.
+        threshold_usage_ratio (float): see :class:`EuclideanCodebook`.
+        **kwargs: further :class:`EuclideanCodebook` arguments (``replaced_usage_ratio``,
+            ``check_unused_every``, ``device``).
     """
 
     def __init__(
-        self, dim: int, codebook_size: int, epsilon: float = 1e-5, device: torch.device | str | None = None
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int | None = None,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        threshold_usage_ratio: float = 0.1,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
-        self._codebook = EuclideanCodebook(dim, codebook_size, epsilon, device=device)
+        if codebook_dim is not None and codebook_dim != dim:
+            raise ValueError(f"codebook_dim={codebook_dim} differs from dim={dim}: projected codebooks are not supported")
+        self._codebook = EuclideanCodebook(
+            dim, codebook_size, decay=decay, epsilon=epsilon, threshold_usage_ratio=threshold_usage_ratio, **kwargs
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -128,27 +159,18 @@ class ResidualVectorQuantization(nn.Module):
 
     Args:
         num_quantizers (int): number of levels.
-        dim (int): latent size.
-        codebook_size (int): codewords per level.
-        epsilon (float): see :class:`EuclideanCodebook`.
-        device (torch.device | str | None): where the buffers live.
+        codebook_offset (int): index of the first level among all the levels of the model (for naming).
+        **kwargs: :class:`VectorQuantization` arguments of every level (``dim``, ``codebook_size``, ...).
     """
 
-    def __init__(
-        self,
-        num_quantizers: int,
-        dim: int,
-        codebook_size: int,
-        epsilon: float = 1e-5,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, *, num_quantizers: int, codebook_offset: int = 0, **kwargs: Any) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            VectorQuantization(dim, codebook_size, epsilon, device=device) for _ in range(num_quantizers)
-        )
+        self.codebook_offset = codebook_offset
+        self.layers = nn.ModuleList(VectorQuantization(**kwargs) for _ in range(num_quantizers))
 
-    def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
-        """Quantises ``x [B, dim, T]`` with the first ``n_q`` levels -> codes ``[B, n_q, T]`` (int64)."""
+    def encode(self, x: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
+        """Quantises ``x [B, dim, T]`` with the first ``n_q`` levels (all when None) -> codes ``[B, n_q, T]``."""
+        n_q = len(self.layers) if n_q is None else n_q
         residual = x.float()
         codes = []
         for layer in self.layers[:n_q]:

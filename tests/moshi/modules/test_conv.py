@@ -111,7 +111,8 @@ def test_conv_transpose_trims_right_and_streams_like_one_shot(kernel_size, strid
 
 
 def test_resample_keys_shapes_and_round_trip_lengths():
-    down, up = ConvDownsample1d(2, 6), ConvTrUpsample1d(2, 6)
+    down = ConvDownsample1d(2, 6, learnt=True)
+    up = ConvTrUpsample1d(2, 6, learnt=True, channel_wise=True)
     assert {k: tuple(v.shape) for k, v in down.state_dict().items()} == {"conv.conv.conv.weight": (6, 6, 4)}
     assert {k: tuple(v.shape) for k, v in up.state_dict().items()} == {"convtr.convtr.convtr.weight": (6, 1, 4)}
     x = torch.randn(2, 6, 10)
