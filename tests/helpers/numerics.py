@@ -1,0 +1,155 @@
+"""Portable comparisons between float32 computations that sum in different orders.
+
+Two float32 computations of the same math (different shapes, batch sizes, time blocks, streaming against
+one-shot, chunked against whole) may run different kernels, which add the same products in different orders
+and round differently. Which kernel runs depends on the CPU, the library build and size thresholds (a batch-1
+convolution goes to oneDNN only above a certain size), so a bit-exact comparison that passes on one machine
+fails on another. These helpers give the tolerance that rounding explains and nothing more, so a real bug (a
+wrong weight, a frame off by one) still fails by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+EPS_F32 = torch.finfo(torch.float32).eps  # 2**-23: spacing of float32 numbers in [1, 2).
+
+
+def f32_tolerance(depth: int, scale: float) -> tuple[float, float]:
+    """The ``(rtol, atol)`` that covers two float32 evaluations of the same sums in different orders.
+
+    Why this bound: a float32 sum of ``n`` terms computed in any order is within ``n * u * sum|terms|`` of the
+    exact sum (``u = eps / 2``), so two orders differ by at most ``n * eps * sum|terms|``. Through a chain of
+    layers the first-order rounding errors add, so ``depth`` is the total number of terms accumulated along
+    the path to one output (the sum of the fan-ins: ``in_channels * kernel_size`` per convolution, ``dim`` per
+    linear layer, the length of a time sum). ``scale`` stands for the size of the terms, taken as the size of
+    the values being compared (no catastrophic cancellation in these networks). The bound is a worst case:
+    rounding errors are usually random and grow like ``sqrt(depth)``, leaving that much head-room. A real bug
+    moves outputs by their own size, which exceeds this tolerance as long as ``depth * eps`` is far below 1
+    (``depth`` up to about 10**5 still leaves two orders of magnitude).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be a positive number of accumulated terms, got {depth}")
+    rtol = depth * EPS_F32
+    return rtol, rtol * max(float(scale), torch.finfo(torch.float32).tiny)
+
+
+def assert_close_f32(
+    actual: torch.Tensor, expected: torch.Tensor, *, depth: int, scale: float | None = None, msg: str = ""
+) -> None:
+    """Asserts ``actual`` equals ``expected`` up to float32 rounding over ``depth`` accumulated terms.
+
+    Shapes and dtypes must match exactly. ``scale`` defaults to the largest magnitude in ``expected``; see
+    :func:`f32_tolerance` for the argument behind the tolerance.
+    """
+    if scale is None:
+        scale = expected.detach().abs().max().item() if expected.numel() else 1.0
+    rtol, atol = f32_tolerance(depth, scale)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=(lambda m: f"{msg}\n{m}") if msg else None)
+
+
+def near_tie_tolerance(latents_a: torch.Tensor, latents_b: torch.Tensor, dim: int = 1) -> float:
+    """The distance margin within which two runs whose latents differ by rounding may pick different codes.
+
+    Why: if a vector moves by ``d`` (L2), its distance to every codeword moves by at most ``d``, so the code
+    can flip from ``c1`` to ``c2`` only if ``|x - c2| - |x - c1| <= 2 d``. ``d`` is the largest L2 difference
+    between corresponding latent vectors (vectors along ``dim``); the relative float32 slack covers the
+    rounding of the distances themselves.
+    """
+    gap = (latents_a.float() - latents_b.float()).norm(dim=dim).max().item()
+    size = latents_a.float().norm(dim=dim).max().item()
+    return 2.0 * gap + 64 * EPS_F32 * size
+
+
+def assert_codes_match(
+    codes_a: torch.Tensor,
+    codes_b: torch.Tensor,
+    latents: torch.Tensor,
+    codebooks: Sequence[torch.Tensor],
+    tol: float,
+    *,
+    max_flip_fraction: float = 0.02,
+) -> None:
+    """Asserts two residual quantisations of nearly equal latents agree except at explained near ties.
+
+    Args:
+        codes_a (torch.Tensor): codes ``[B, K, T]`` of run a, computed from ``latents``.
+        codes_b (torch.Tensor): codes ``[B, K, T]`` of run b, from latents that differ by rounding.
+        latents (torch.Tensor): the vectors run a quantised, ``[B, D, T]`` (after any input projection).
+        codebooks (Sequence[torch.Tensor]): the ``K`` centroid tables ``[bins, D]`` of the residual levels.
+        tol (float): distance margin that rounding explains (see :func:`near_tie_tolerance`).
+        max_flip_fraction (float): largest share of frames allowed to differ (at least one frame).
+
+    Why: rounding may push a latent across the boundary between two codewords that are nearly equally close;
+    that flip is legitimate only if run b's codeword is within ``tol`` of being as close as run a's. Once a
+    level flips, the residuals the later levels see differ by a whole codeword, so the later levels of that
+    frame may differ freely. Any flip that is not a near tie fails, and so do too many flips: near ties are rare
+    and a systematic shift would show as many of them.
+    """
+    if codes_a.shape != codes_b.shape:
+        raise AssertionError(f"code shapes differ: {tuple(codes_a.shape)} vs {tuple(codes_b.shape)}")
+    if codes_a.shape[1] != len(codebooks):
+        raise AssertionError(f"{codes_a.shape[1]} code levels but {len(codebooks)} codebooks")
+    batch, _, steps = codes_a.shape
+    residual = latents.float().transpose(1, 2)  # [B, T, D]
+    settled = torch.ones(batch, steps, dtype=torch.bool, device=codes_a.device)  # no flip yet in this frame
+    flipped = torch.zeros_like(settled)
+    for level, codebook in enumerate(codebooks):
+        a, b = codes_a[:, level], codes_b[:, level]
+        differs = (a != b) & settled
+        if differs.any():
+            distances = torch.cdist(residual, codebook.float()[None].expand(batch, -1, -1))  # [B, T, bins]
+            margin = distances.gather(-1, b[..., None]) - distances.gather(-1, a[..., None])
+            unexplained = differs & (margin[..., 0] > tol)
+            if unexplained.any():
+                where = unexplained.nonzero().tolist()
+                raise AssertionError(
+                    f"level {level}: {len(where)} code flips are not near ties (margin > {tol:.3g}); "
+                    f"first at (batch, frame) {where[0]}, margin {margin[..., 0][unexplained].max().item():.3g}"
+                )
+        flipped |= differs
+        settled &= ~differs
+        residual = residual - codebook.float()[a]
+    allowed = max(1, int(max_flip_fraction * batch * steps))
+    if int(flipped.sum()) > allowed:
+        raise AssertionError(
+            f"{int(flipped.sum())} of {batch * steps} frames flipped at near ties, more than the {allowed} allowed"
+        )
+
+
+def assert_quantizer_codes_match(
+    quantizer: torch.nn.Module,
+    latent_a: torch.Tensor,
+    latent_b: torch.Tensor,
+    codes_a: torch.Tensor,
+    codes_b: torch.Tensor,
+    *,
+    max_flip_fraction: float = 0.02,
+) -> None:
+    """:func:`assert_codes_match` for a ``ResidualVectorQuantizer`` or Mimi's split quantiser.
+
+    ``latent_a``/``latent_b`` ``[B, C, T]`` are the quantiser inputs of the two runs, ``codes_a``/``codes_b``
+    their codes. Each residual chain (the semantic and the acoustic one of the split quantiser) is checked on
+    its own projected latents, with the near-tie margin measured from the two runs' projected latents.
+    """
+    parts = [quantizer.rvq_first, quantizer.rvq_rest] if hasattr(quantizer, "rvq_first") else [quantizer]
+    start = 0
+    with torch.no_grad():
+        for part in parts:
+            levels = part.n_q
+            projected_a = part.input_proj(latent_a).float()
+            projected_b = part.input_proj(latent_b).float()
+            codebooks = [layer._codebook.embedding for layer in part.vq.layers[:levels]]
+            assert_codes_match(
+                codes_a[:, start : start + levels],
+                codes_b[:, start : start + levels],
+                projected_a,
+                codebooks,
+                near_tie_tolerance(projected_a, projected_b),
+                max_flip_fraction=max_flip_fraction,
+            )
+            start += levels
+    if start != codes_a.shape[1]:
+        raise AssertionError(f"codes have {codes_a.shape[1]} levels, the quantizer encodes {start}")
