@@ -36,6 +36,25 @@ def f32_tolerance(depth: int, scale: float) -> tuple[float, float]:
     return rtol, rtol * max(float(scale), torch.finfo(torch.float32).tiny)
 
 
+def summed_fan_in(*modules: torch.nn.Module) -> int:
+    """The accumulation depth of a path through ``modules``: the sum of the fan-ins of their linear maps.
+
+    Counts ``in_features`` per ``nn.Linear``, ``in_channels / groups * kernel_size`` per ``nn.Conv1d`` and
+    ``in_channels / groups * ceil(kernel_size / stride)`` per ``nn.ConvTranspose1d`` (the input frames that
+    reach one output sample). Normalisations and attention add sums of their own; callers add those.
+    """
+    depth = 0
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                depth += layer.in_features
+            elif isinstance(layer, torch.nn.Conv1d):
+                depth += layer.in_channels // layer.groups * layer.kernel_size[0]
+            elif isinstance(layer, torch.nn.ConvTranspose1d):
+                depth += layer.in_channels // layer.groups * -(-layer.kernel_size[0] // layer.stride[0])
+    return depth
+
+
 def assert_close_f32(
     actual: torch.Tensor, expected: torch.Tensor, *, depth: int, scale: float | None = None, msg: str = ""
 ) -> None:
@@ -122,34 +141,67 @@ def assert_codes_match(
 def assert_quantizer_codes_match(
     quantizer: torch.nn.Module,
     latent_a: torch.Tensor,
-    latent_b: torch.Tensor,
     codes_a: torch.Tensor,
     codes_b: torch.Tensor,
     *,
+    latent_b: torch.Tensor | None = None,
+    latent_gap: float | None = None,
     max_flip_fraction: float = 0.02,
 ) -> None:
     """:func:`assert_codes_match` for a ``ResidualVectorQuantizer`` or Mimi's split quantiser.
 
-    ``latent_a``/``latent_b`` ``[B, C, T]`` are the quantiser inputs of the two runs, ``codes_a``/``codes_b``
-    their codes. Each residual chain (the semantic and the acoustic one of the split quantiser) is checked on
-    its own projected latents, with the near-tie margin measured from the two runs' projected latents.
+    ``latent_a`` ``[B, C, T]`` is the quantiser input of run a, ``codes_a``/``codes_b`` the codes of the two
+    runs. The near-tie margin comes from run b's latent ``latent_b`` when given, else from ``latent_gap``, a
+    bound on the L2 distance between corresponding latent vectors of the two runs (for codes computed
+    elsewhere); each input projection stretches that gap by at most its spectral norm. Each residual chain
+    (the semantic and the acoustic one of the split quantiser) is checked on its own projected latents.
     """
+    if (latent_b is None) == (latent_gap is None):
+        raise ValueError("give exactly one of latent_b and latent_gap")
     parts = [quantizer.rvq_first, quantizer.rvq_rest] if hasattr(quantizer, "rvq_first") else [quantizer]
     start = 0
     with torch.no_grad():
         for part in parts:
             levels = part.n_q
             projected_a = part.input_proj(latent_a).float()
-            projected_b = part.input_proj(latent_b).float()
+            if latent_b is not None:
+                tol = near_tie_tolerance(projected_a, part.input_proj(latent_b).float())
+            else:
+                weight = getattr(part.input_proj, "weight", None)
+                stretch = 1.0 if weight is None else torch.linalg.matrix_norm(weight[..., 0].float(), ord=2).item()
+                tol = 2.0 * stretch * latent_gap + 64 * EPS_F32 * projected_a.norm(dim=1).max().item()
             codebooks = [layer._codebook.embedding for layer in part.vq.layers[:levels]]
             assert_codes_match(
                 codes_a[:, start : start + levels],
                 codes_b[:, start : start + levels],
                 projected_a,
                 codebooks,
-                near_tie_tolerance(projected_a, projected_b),
+                tol,
                 max_flip_fraction=max_flip_fraction,
             )
             start += levels
     if start != codes_a.shape[1]:
         raise AssertionError(f"codes have {codes_a.shape[1]} levels, the quantizer encodes {start}")
+
+
+def mimi_depth(mimi: torch.nn.Module, side: str) -> int:
+    """Accumulation depth of Mimi's ``"encoder"`` (audio to latent) or ``"decoder"`` (latent to audio) path.
+
+    The fan-ins of every linear map on the path (:func:`summed_fan_in`), plus per transformer layer two
+    normalisations over the width and one attention sum over at most the context.
+    """
+    if side == "encoder":
+        modules = [mimi.encoder, mimi.encoder_transformer, mimi.downsample]
+    elif side == "decoder":
+        modules = [mimi.upsample, mimi.decoder_transformer, mimi.decoder]
+    else:
+        raise ValueError(f"side must be 'encoder' or 'decoder', got {side!r}")
+    depth = summed_fan_in(*[m for m in modules if m is not None])
+    transformer = modules[1]
+    if transformer is not None:
+        for layer in transformer.transformer.layers:
+            attention = layer.self_attn
+            if attention.context is None:
+                raise ValueError("unbounded attention: its sums are as long as the input, pass a depth by hand")
+            depth += 2 * attention.embed_dim + attention.context
+    return depth
