@@ -106,7 +106,7 @@ def assert_codes_match(
     codebooks: Sequence[torch.Tensor],
     tol: float,
     *,
-    max_flip_fraction: float = 0.02,
+    max_flip_fraction: float = 0.1,
 ) -> None:
     """Asserts two residual quantisations of nearly equal latents agree except at explained near ties.
 
@@ -164,7 +164,7 @@ def assert_quantizer_codes_match(
     *,
     latent_b: torch.Tensor | None = None,
     latent_gap: float | None = None,
-    max_flip_fraction: float = 0.02,
+    max_flip_fraction: float = 0.1,
 ) -> None:
     """:func:`assert_codes_match` for a ``ResidualVectorQuantizer`` or Mimi's split quantiser.
 
