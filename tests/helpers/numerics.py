@@ -223,3 +223,17 @@ def mimi_depth(mimi: torch.nn.Module, side: str) -> int:
                 raise ValueError("unbounded attention: its sums are as long as the input, pass a depth by hand")
             depth += 2 * attention.embed_dim + attention.context
     return depth
+
+
+def assert_mimi_codes(mimi: torch.nn.Module, audio: torch.Tensor, codes: torch.Tensor) -> None:
+    """``codes [B, K, T]`` are Mimi's codes of ``audio [B, 1, L]`` up to near ties.
+
+    For codes that came out of other Mimi calls (files batched together, streaming segments, a chunk
+    encoded alone): their latents differ from this call's by float32 rounding over the encoder's depth
+    (:func:`f32_latent_gap`), so a code may flip only where its two nearest codewords are within that rounding.
+    """
+    with torch.no_grad():
+        latent = mimi.encode_to_latent(audio, quantize=False)
+        reference = mimi.quantizer.encode(latent)
+    gap = f32_latent_gap(latent, mimi_depth(mimi, "encoder"))
+    assert_quantizer_codes_match(mimi.quantizer, latent, reference, codes, latent_gap=gap)

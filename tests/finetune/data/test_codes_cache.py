@@ -14,7 +14,7 @@ from finetune.data.codes_cache import AudioCodec, CodesStore, read_stereo
 from finetune.data.dataset import all_entries, build_eval_loader, build_train_loader, load_sources
 from finetune.data.precompute import precompute
 from finetune.data.text_tokenizer import SentencePieceTextTokenizer
-from tests.helpers.numerics import assert_quantizer_codes_match, f32_latent_gap, mimi_depth
+from tests.helpers.numerics import assert_mimi_codes
 
 
 @pytest.fixture
@@ -31,19 +31,6 @@ def store_for(mimi, cache_dir=None, encoder_id=None):
 def eval_batches(args, tok, store):
     return [b.codes for b in build_eval_loader(args, tok, store)]
 
-
-def assert_mimi_codes(mimi, wav: torch.Tensor, codes: torch.Tensor) -> None:
-    """``codes [B, K, T]`` are Mimi's codes of ``wav [B, 1, L]`` up to near ties.
-
-    The codes under test come from other Mimi calls (files batched together, streaming segments), whose
-    latents differ from this call's by float32 rounding over the encoder's depth: a code may flip only where
-    the two nearest codewords are within that rounding of each other.
-    """
-    with torch.no_grad():
-        latent = mimi.encode_to_latent(wav, quantize=False)
-        ref = mimi.quantizer.encode(latent)
-    gap = f32_latent_gap(latent, mimi_depth(mimi, "encoder"))
-    assert_quantizer_codes_match(mimi.quantizer, latent, ref, codes, latent_gap=gap)
 
 
 def test_cached_batches_equal_batches_from_audio(setup, tiny_mimi, tmp_path):

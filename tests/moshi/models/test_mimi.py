@@ -166,7 +166,7 @@ def test_reset_streaming_restarts_the_stream(tiny):
         tiny.encode(torch.randn(1, 1, FRAME))
         tiny.reset_streaming()
         again = tiny.encode(x)
-    assert torch.equal(first, again)
+    assert torch.equal(first, again)  # the same calls from the same state
 
 
 def test_set_num_codebooks_changes_encode_output(tiny):
@@ -179,7 +179,7 @@ def test_set_num_codebooks_changes_encode_output(tiny):
         finally:
             tiny.set_num_codebooks(8)
         assert tiny.decode(fewer).shape == (1, 1, FRAME)
-    assert torch.equal(fewer, full[:, :3])
+    assert torch.equal(fewer, full[:, :3])  # the first levels run the same ops on the same shapes
     with pytest.raises(ValueError, match=r"num_codebooks must be in \[1, 8\], got 9"):
         tiny.set_num_codebooks(9)
 
@@ -247,7 +247,7 @@ def test_get_mimi_loads_a_weights_file_strictly(tiny, tmp_path, legacy):
         assert torch.equal(value, state[key]), key
     x = torch.randn(1, 1, 2 * FRAME)
     with torch.inference_mode():
-        assert torch.equal(loaded.encode(x), tiny.encode(x)[:, :5])
+        assert torch.equal(loaded.encode(x), tiny.encode(x)[:, :5])  # same weights, same call
 
 
 def test_get_mimi_lists_missing_and_unexpected_keys(tiny, tmp_path):

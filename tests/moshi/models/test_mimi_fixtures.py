@@ -102,7 +102,7 @@ def test_partial_frame_is_zero_padded_to_whole_frames(mimi, signal):
         padded = torch.nn.functional.pad(signal[..., :2020], (0, 2 * FRAME - 2020))
         expected = mimi.encode(padded)
     assert codes.shape == (1, 8, 2)
-    assert torch.equal(codes, expected)
+    assert torch.equal(codes, expected)  # the same padded input through the same kernels
 
 
 def test_streaming_encode_gives_the_codes_of_one_shot(mimi, signal, codes):
