@@ -122,7 +122,8 @@ def test_streaming_encode_gives_the_codes_of_one_shot(mimi, signal, codes):
 def test_streaming_decode_matches_one_shot(mimi, codes, decoded):
     with torch.inference_mode(), mimi.streaming(1):
         streamed = torch.cat([mimi.decode(codes[..., t : t + 1]) for t in range(codes.shape[-1])], dim=-1)
-    torch.testing.assert_close(streamed, decoded, rtol=0, atol=1e-5)
+    # One-frame calls run other kernels than the whole sequence: equal up to rounding over the decoder.
+    assert_close_f32(streamed, decoded, depth=mimi_depth(mimi, "decoder"))
 
 
 def test_time_blocks_give_the_codes_and_audio_of_whole_input_layers(mimi):
