@@ -25,7 +25,7 @@ def f32_tolerance(depth: int, scale: float) -> tuple[float, float]:
     exact sum (``u = eps / 2``), so two orders differ by at most ``n * eps * sum|terms|``. That worst case
     needs every rounding to err the same way; rounding errors of long sums behave like independent random
     variables, and then the error stays below ``lam * sqrt(n) * u * sum|terms|`` except with probability
-    ``2 * exp(-lam**2 / 2)`` (the probabilistic bound of Higham and Mary). With ``lam = 8`` that probability is
+    ``2 * exp(-lam**2 / 2)`` (a concentration bound on a sum of independent bounded errors). With ``lam = 8`` that probability is
     about 3e-14 per element, so the tolerance is ``min(n, 8 * sqrt(n)) * eps`` relative to ``scale``.
 
     Through a chain of layers the first-order rounding errors add, so ``depth`` is the total number of terms
@@ -33,7 +33,7 @@ def f32_tolerance(depth: int, scale: float) -> tuple[float, float]:
     convolution, ``in_features`` per linear layer, the length of a normalisation or attention sum).
     ``scale`` stands for the size of the terms, taken as the size of the values compared. Measured kernels
     differences (oneDNN against native convolutions, AVX-512 against AVX2 against scalar kernels, one thread
-    against two) stay 50-100 times below this bound on Mimi, while a real bug (a wrong weight, a lost left
+    against two) stay at least 70 times below this bound on Mimi, while a real bug (a wrong weight, a lost left
     context, a frame off by one) moves outputs by their own size, far above it.
     """
     if depth < 1:
@@ -61,9 +61,7 @@ def summed_fan_in(*modules: torch.nn.Module) -> int:
     return depth
 
 
-def assert_close_f32(
-    actual: torch.Tensor, expected: torch.Tensor, *, depth: int, scale: float | None = None, msg: str = ""
-) -> None:
+def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor, *, depth: int, scale: float | None = None) -> None:
     """Asserts ``actual`` equals ``expected`` up to float32 rounding over ``depth`` accumulated terms.
 
     Shapes and dtypes must match exactly. ``scale`` defaults to the largest magnitude in ``expected``; see
@@ -72,7 +70,7 @@ def assert_close_f32(
     if scale is None:
         scale = expected.detach().abs().max().item() if expected.numel() else 1.0
     rtol, atol = f32_tolerance(depth, scale)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=(lambda m: f"{msg}\n{m}") if msg else None)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
 def near_tie_tolerance(latents_a: torch.Tensor, latents_b: torch.Tensor, dim: int = 1) -> float:
@@ -121,8 +119,8 @@ def assert_codes_match(
     Why: rounding may push a latent across the boundary between two codewords that are nearly equally close;
     that flip is legitimate only if run b's codeword is within ``tol`` of being as close as run a's. Once a
     level flips, the residuals the later levels see differ by a whole codeword, so the later levels of that
-    frame may differ freely. Any flip that is not a near tie fails, and so do too many flips: near ties are rare
-    and a systematic shift would show as many of them.
+    frame may differ freely. Any flip that is not a near tie fails, and so do too many flips: rounding flips
+    few frames, while a systematic change (a biased distance, a shifted latent) flips many.
     """
     if codes_a.shape != codes_b.shape:
         raise AssertionError(f"code shapes differ: {tuple(codes_a.shape)} vs {tuple(codes_b.shape)}")
