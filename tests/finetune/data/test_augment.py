@@ -8,9 +8,10 @@ import torch
 
 from finetune.args import AugArgs, TrainArgs
 from finetune.data.augment import WavePlan, apply_wave_plan, augment_codes, draw_wave_plan, sample_rng
-from finetune.data.codes_cache import AudioCodec, CodesStore
-from finetune.data.dataset import build_train_loader
+from finetune.data.codes_cache import AudioCodec, CodesStore, read_stereo
+from finetune.data.dataset import all_entries, build_train_loader, load_sources
 from finetune.data.text_tokenizer import SentencePieceTextTokenizer
+from tests.helpers.numerics import assert_mimi_codes
 
 SR = 24000
 NQ = 8
@@ -111,6 +112,11 @@ def test_off_by_default_and_wave_aug_bypasses_cache(make_dataset, base_config, t
     calls, files = store.codec.calls, store.encoded_files
     out = first_batch({"gain_prob": 1.0, "gain_db": [-12, -12]})
     assert store.codec.calls == calls + 1 and store.encoded_files == files  # chunks encoded alone, not cached
-    # chunk 0 starts the file, so encoding it alone sees the same (no) context as the whole-file codes
-    assert torch.equal(out[0, : 1 + 8], ref[0, : 1 + 8]) and not torch.equal(out[0, 9:], ref[0, 9:])
+    # chunk 0 starts the file, so encoding it alone sees the same (no) context as the whole-file codes: both
+    # are Mimi's codes of the chunk's model channel (up to near ties: the two calls have other lengths)
+    entry = all_entries(load_sources(str(m), "data.train_data", 2.0))[0]
+    model_voice = torch.from_numpy(read_stereo(entry.path, SR, duration_sec=2.0))[:1, None]
+    assert_mimi_codes(tiny_mimi, model_voice, out[0:1, 1 : 1 + 8])
+    assert_mimi_codes(tiny_mimi, model_voice, ref[0:1, 1 : 1 + 8])
+    assert torch.equal(out[0, 0], ref[0, 0]) and not torch.equal(out[0, 9:], ref[0, 9:])
     assert torch.equal(out[:, 0], ref[:, 0])  # text rows never depend on the audio path

@@ -53,7 +53,7 @@ def test_current_and_legacy_layouts_load_to_the_same_logits(tmp_path):
         loaded = get_moshi_lm(path, lm_kwargs=small_lm_kwargs(), dtype=torch.float32)
         assert not loaded.training and not any(p.is_meta for p in loaded.parameters())
         assert list(loaded.state_dict()) == list(model.state_dict())
-        assert torch.equal(_logits(loaded), reference)
+        assert torch.equal(_logits(loaded), reference)  # the same weights and modules: a bit-exact round trip
 
 
 def test_weights_are_cast_to_the_requested_dtype(tmp_path):
@@ -93,7 +93,7 @@ def test_lora_weights_through_get_moshi_lm_fused_and_not(tmp_path):
     reference = _logits(lora_model)
     unfused = get_moshi_lm(base_path, lm_kwargs=kwargs, dtype=torch.float32, lora_weights=lora_path)
     assert isinstance(unfused.text_linear, LoRALinear)
-    assert torch.equal(_logits(unfused), reference)
+    assert torch.equal(_logits(unfused), reference)  # the same LoRA modules and weights as saved
     fused = get_moshi_lm(base_path, lm_kwargs=kwargs, dtype=torch.float32, lora_weights=lora_path, fuse_lora=True)
     assert not any(isinstance(m, LoRALinear) for m in fused.modules())
     torch.testing.assert_close(_logits(fused), reference, atol=2e-4, rtol=1e-4)

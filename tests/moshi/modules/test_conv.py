@@ -8,6 +8,12 @@ from torch.nn import functional as F
 
 from moshi.modules.conv import StreamingConv1d, StreamingConvTranspose1d, with_context
 from moshi.modules.resample import ConvDownsample1d, ConvTrUpsample1d
+from tests.helpers.numerics import assert_close_f32
+
+# An ELU written into a strided slice of the padded input and one on a contiguous tensor may take the
+# vectorised and the scalar ``expm1`` on different samples: a few ulps apart, so compare them as a sum of a
+# few float32 terms.
+ELU_DEPTH = 4
 
 CONV_CASES = [
     pytest.param(3, 1, 1, "constant", id="k3-s1"),
@@ -33,7 +39,7 @@ def test_conv_one_shot_equals_left_padded_conv1d(kernel_size, stride, dilation, 
     expected = F.conv1d(padded, conv.conv.conv.weight, conv.conv.conv.bias, stride=stride, dilation=dilation)
     y = conv(x)
     assert y.shape == (2, 5, 12)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)  # the same conv1d call on the same padded input
 
 
 @pytest.mark.parametrize("kernel_size, stride, dilation, pad_mode", CONV_CASES)
@@ -43,7 +49,7 @@ def test_conv_chunked_streaming_equals_one_shot(kernel_size, stride, dilation, p
     expected = conv(x)
     with conv.streaming(2):
         y = torch.cat([conv(c) for c in _chunks(x, [stride, stride * 3, stride * 8])], dim=-1)
-    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    assert_close_f32(y, expected, depth=3 * kernel_size)  # chunks may run other kernels than the whole input
 
 
 @pytest.mark.parametrize("kernel_size, stride, dilation, pad_mode", CONV_CASES)
@@ -78,7 +84,7 @@ def test_conv_exec_mask_freezes_state_of_masked_items():
         conv.set_exec_mask(torch.tensor([True, True]))
         y = conv(x_next)
     expected = conv(torch.cat([x, x_next], dim=-1))[..., 6:]
-    torch.testing.assert_close(y[1], expected[1], rtol=1e-6, atol=1e-6)
+    assert_close_f32(y[1], expected[1], depth=2 * 5)  # batch-2 streaming call against a longer one-shot call
 
 
 @pytest.mark.parametrize("length", [0, 5])
@@ -104,10 +110,10 @@ def test_conv_transpose_trims_right_and_streams_like_one_shot(kernel_size, strid
     full = F.conv_transpose1d(x, convtr.convtr.convtr.weight, convtr.convtr.convtr.bias, stride=stride, groups=groups)
     y = convtr(x)
     assert y.shape == (3, 4, 7 * stride)
-    torch.testing.assert_close(y, full[..., : 7 * stride], rtol=1e-5, atol=1e-6)
+    assert_close_f32(y, full[..., : 7 * stride], depth=4 * kernel_size)  # polyphase conv against conv_transpose1d
     with convtr.streaming(3):
         streamed = torch.cat([convtr(c) for c in _chunks(x, [1, 2, 4])], dim=-1)
-    torch.testing.assert_close(streamed, y, rtol=1e-6, atol=1e-6)
+    assert_close_f32(streamed, y, depth=4 * kernel_size)
 
 
 def test_resample_keys_shapes_and_round_trip_lengths():
@@ -143,8 +149,8 @@ def test_conv_transpose_matches_conv_transpose1d_and_streams(kernel_size, stride
         y = convtr(x)
         with convtr.streaming(2):
             streamed = torch.cat([convtr(c) for c in _chunks(x, [1, 5, 3])], dim=-1)
-    torch.testing.assert_close(y, full[..., : 9 * stride], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(streamed, y, rtol=1e-6, atol=1e-6)
+    assert_close_f32(y, full[..., : 9 * stride], depth=4 * kernel_size)  # polyphase conv against conv_transpose1d
+    assert_close_f32(streamed, y, depth=4 * kernel_size)
 
 
 def test_conv_transpose_gradients_match_conv_transpose1d():
@@ -187,15 +193,16 @@ def test_conv_transpose_cached_weight_follows_parameter_updates():
 
 @pytest.mark.parametrize("length", [64, 128, 100])
 @pytest.mark.parametrize("grad", [False, True])
-def test_with_context_equals_concatenated_activation_bit_for_bit(length, grad):
+def test_with_context_equals_concatenated_activation(length, grad):
     context = torch.randn(2, 5, 4)
     x = torch.randn(2, 5, length)
     elu = torch.nn.ELU(alpha=0.7)
     with torch.set_grad_enabled(grad):
         got = with_context(context, x, elu)
         expected = torch.cat([context, elu(x)], dim=-1)
-    assert torch.equal(got, expected)
-    assert torch.equal(with_context(context, x), torch.cat([context, x], dim=-1))
+    assert torch.equal(got[..., :4], context)  # copied, bit for bit
+    assert_close_f32(got, expected, depth=ELU_DEPTH)
+    assert torch.equal(with_context(context, x), torch.cat([context, x], dim=-1))  # a pure copy
 
 
 @pytest.mark.parametrize("kernel_size, stride, dilation, pad_mode", CONV_CASES)
@@ -210,10 +217,11 @@ def test_conv_with_activation_equals_left_padded_conv1d_of_activation(kernel_siz
         activated = elu(x)
         padded = F.pad(activated, (pad, 0), mode=pad_mode) if pad else activated
         expected = F.conv1d(padded, layer.weight, layer.bias, stride=stride, dilation=dilation)
-        assert torch.equal(conv(x, activation=elu), expected)
+        # The same conv on an activation that may differ by a few ulps (see ELU_DEPTH).
+        assert_close_f32(conv(x, activation=elu), expected, depth=3 * kernel_size + ELU_DEPTH)
         with conv.streaming(2):
             streamed = torch.cat([conv(c, activation=elu) for c in x.split(stride * 32, dim=-1)], dim=-1)
-        torch.testing.assert_close(streamed, expected, rtol=1e-6, atol=1e-6)
+        assert_close_f32(streamed, expected, depth=3 * kernel_size + ELU_DEPTH)
 
 
 def test_conv_transpose_with_activation_equals_conv_transpose_of_activation():
@@ -221,4 +229,5 @@ def test_conv_transpose_with_activation_equals_conv_transpose_of_activation():
     elu = torch.nn.ELU()
     x = torch.randn(2, 4, 128)
     with torch.inference_mode():
-        assert torch.equal(convtr(x, activation=elu), convtr(elu(x)))
+        # Two polyphase taps of 4 channels on an activation a few ulps apart (see ELU_DEPTH).
+        assert_close_f32(convtr(x, activation=elu), convtr(elu(x)), depth=4 * 2 + ELU_DEPTH)

@@ -7,6 +7,7 @@ import torch
 
 from moshi.modules.seanet import SEANetDecoder, SEANetEncoder, block_length
 from moshi.modules.streaming import StreamingContainer
+from tests.helpers.numerics import assert_close_f32, summed_fan_in
 
 # Mimi's ratios (hop 960) with small widths.
 SMALL = {"n_filters": 4, "dimension": 16, "n_residual_layers": 1, "ratios": [8, 6, 5, 4], "last_kernel_size": 3}
@@ -55,7 +56,8 @@ def test_blocked_seanet_equals_plain_layers(request, side, batch, block_samples)
     finally:
         module.block_samples = 15360
     assert got.shape == out_shape
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # Blocks and the whole input may run different conv kernels: equal up to float32 rounding of every sum.
+    assert_close_f32(got, expected, depth=summed_fan_in(module))
 
 
 def _streamed(module: torch.nn.Module, x: torch.Tensor, sizes: list[int], block_samples: int) -> torch.Tensor:
@@ -73,10 +75,12 @@ def test_long_streaming_calls_run_in_blocks_and_equal_plain_streaming(encoder, d
     x = torch.randn(2, 1, 960 * 40)
     sizes = [960 * 2, 960 * 30, 960 * 8]  # the long middle call is split into blocks
     expected = _streamed(encoder, x, sizes, block_samples=0)
-    torch.testing.assert_close(_streamed(encoder, x, sizes, block_samples=3840), expected, rtol=0, atol=1e-6)
+    blocked = _streamed(encoder, x, sizes, block_samples=3840)
+    assert_close_f32(blocked, expected, depth=summed_fan_in(encoder))  # other kernels for blocks, see above
     z = torch.randn(2, 16, 40)
     expected = _streamed(decoder, z, [2, 30, 8], block_samples=0)
-    torch.testing.assert_close(_streamed(decoder, z, [2, 30, 8], block_samples=3840), expected, rtol=0, atol=1e-6)
+    blocked = _streamed(decoder, z, [2, 30, 8], block_samples=3840)
+    assert_close_f32(blocked, expected, depth=summed_fan_in(decoder))
 
 
 def test_paused_streams_are_not_blocked(encoder):
@@ -94,7 +98,7 @@ def test_paused_streams_are_not_blocked(encoder):
             expected = encoder(x)
     finally:
         encoder.block_samples = 15360
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert_close_f32(got, expected, depth=summed_fan_in(encoder))  # paused or not, sums may run other kernels
 
 
 def test_autograd_runs_plain_layers_with_gradients(encoder, decoder):
@@ -103,7 +107,8 @@ def test_autograd_runs_plain_layers_with_gradients(encoder, decoder):
     y = decoder(z)
     with torch.inference_mode():
         expected = decoder(encoder(x))
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+    # Autograd runs unfused activations and whole inputs: same sums, possibly other kernels.
+    assert_close_f32(y, expected, depth=summed_fan_in(encoder, decoder))
     y.square().sum().backward()
     grads = [p.grad for p in [*encoder.parameters(), *decoder.parameters()]]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

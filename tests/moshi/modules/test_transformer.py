@@ -19,6 +19,7 @@ from moshi.modules.transformer import (
     create_norm_fn,
     create_sin_embedding,
 )
+from tests.helpers.numerics import assert_close_f32
 
 MIMI_LIKE = dict(
     num_heads=4, num_layers=2, causal=True, layer_scale=0.01, context=5, gating="none", norm="layer_norm",
@@ -75,7 +76,7 @@ def test_rms_norm_closed_form_backward_equals_autograd_of_the_definition(norm_ty
 
     inputs = [x, norm.alpha] if train_alpha else [x]
     y = norm(x)
-    assert torch.equal(y, definition(x, norm.alpha))  # the forward is the definition, bit for bit
+    assert torch.equal(y, definition(x, norm.alpha))  # the same ops on the same shapes: bit for bit
     grads = torch.autograd.grad(y, inputs, g)
     expected = torch.autograd.grad(definition(x, norm.alpha), inputs, g)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -116,7 +117,7 @@ def test_rope_interleaved_matches_complex_rotation():
     assert rk.shape == k.shape
 
 
-def test_interleaved_rope_gives_the_bits_of_the_real_pair_formula_on_strided_inputs():
+def test_interleaved_rope_equals_the_real_pair_formula_on_strided_inputs():
     from moshi.modules.rope import rope_angles, rotate_time_major
 
     projected = torch.randn(2, 6, 3, 4, 16)  # [B, T, q|k|v, H, D]: rotate the q|k part, a strided view
@@ -127,7 +128,9 @@ def test_interleaved_rope_gives_the_bits_of_the_real_pair_formula_on_strided_inp
     sin = torch.sin(theta).view(2, 6, 1, 1, 8)
     r, m = qk.reshape(2, 6, 2, 4, 8, 2).unbind(-1)
     expected = torch.stack([r * cos - m * sin, r * sin + m * cos], -1).reshape(qk.shape)
-    assert torch.equal(out, expected)
+    # A complex-multiply kernel may fuse the two products (FMA) where the formula rounds each: two terms.
+    assert_close_f32(out, expected, depth=2)
+    # A misaligned input is copied to the layout of a contiguous one, then the same kernel runs: same bits.
     odd = torch.randn(1, 6, 1, 1, 17)[..., 1:]  # odd storage offset: (re, im) pairs are not complex-aligned
     theta0 = rope_angles(6, 0, 16, 10_000.0, odd.device)
     assert torch.equal(rotate_time_major(odd, theta0), rotate_time_major(odd.contiguous(), theta0))
@@ -173,7 +176,7 @@ def test_rope_concat_pairs_halves():
 
 
 @pytest.mark.parametrize("interleave", [True, False])
-def test_rope_time_major_rotation_equals_the_head_major_one_and_keeps_gradients_exact(interleave):
+def test_rope_time_major_rotation_equals_the_head_major_one_and_its_gradient_rotates_back(interleave):
     from moshi.modules.rope import RotaryEmbedding
 
     rope = RotaryEmbedding(10_000.0, interleave=interleave)
@@ -181,7 +184,9 @@ def test_rope_time_major_rotation_equals_the_head_major_one_and_keeps_gradients_
     offset = torch.tensor([4, 9])
     out = rope.rotate(x, offset)
     rq, rk = rope(x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2), offset)
-    assert torch.equal(out[:, :, 0], rq.transpose(1, 2)) and torch.equal(out[:, :, 1], rk.transpose(1, 2))
+    # Time-major and head-major layouts may vectorise the complex products differently: two terms each.
+    assert_close_f32(out[:, :, 0], rq.transpose(1, 2), depth=2)
+    assert_close_f32(out[:, :, 1], rk.transpose(1, 2), depth=2)
     g = torch.randn_like(out)
     (grad,) = torch.autograd.grad(out, x, g)
     # A rotation is orthogonal: the gradient is the output gradient rotated back by the same angles.
@@ -213,7 +218,7 @@ def test_gating_activates_the_first_half():
 
 
 @pytest.mark.parametrize("name", ["silu", "gelu"])
-def test_gate_gradients_equal_autograd_of_the_definition_bit_for_bit(name):
+def test_gate_and_its_gradients_equal_autograd_of_the_definition(name):
     gate = ActivationGating(8, 24, get_activation(name))
     u = torch.randn(5, 3, 2 * gate.hidden, requires_grad=True)
     g = torch.randn(5, 3, gate.hidden)
@@ -222,7 +227,10 @@ def test_gate_gradients_equal_autograd_of_the_definition_bit_for_bit(name):
     a, b = u[..., : gate.hidden], u[..., gate.hidden :]
     expected = get_activation(name)(a) * b
     (expected_grad,) = torch.autograd.grad(expected, u, g)
-    assert torch.equal(out, expected) and torch.equal(grad, expected_grad)
+    assert torch.equal(out, expected)  # the same activation kernel on the same strided half
+    # The closed-form backward writes into strided halves, autograd into contiguous tensors: the activation's
+    # derivative may take the vectorised or the scalar exp, a few ulps apart, then one product.
+    assert_close_f32(grad, expected_grad, depth=4)
 
 
 def test_sin_embedding_is_cos_then_sin():
