@@ -42,7 +42,8 @@ from finetune.eval import evaluate
 from finetune.loss import LossTerms, loss_weight_sums_from_codes, train_output_loss_terms
 from finetune.monitoring import MetricsLogger, ThroughputMeter, format_eval_line, format_train_line
 from finetune.monitoring.utils import allocated_memory_gib, eta_seconds, peak_memory_gib
-from finetune.wrapped_model import build_model, default_param_groups, dtype_policy, resolve_checkpoint_info
+from finetune.preflight import preflight
+from finetune.wrapped_model import build_model, default_param_groups, dtype_policy
 
 logger = logging.getLogger("train")
 
@@ -212,8 +213,7 @@ def prepare_run_dir(args: TrainArgs) -> bool:
     barrier()
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "args.yaml").exists():
-            args.save(run_dir / "args.yaml")
+        args.record_in(run_dir)
     barrier()
     return args.resume
 
@@ -320,6 +320,7 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.manual_seed(a.seed)
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        self.info = preflight(a)  # model files and data checked before run_dir is touched
         want_resume = prepare_run_dir(a)
         logger.info("run dir %s; rank %d / %d on %s", self.run_dir, get_rank(), get_world_size(), self.device)
         logger.info("config:\n%s", a.to_yaml())
@@ -330,7 +331,6 @@ class Trainer:
         )
         self.eval_metrics = MetricsLogger(self.run_dir, "eval", is_main(), tensorboard=a.tensorboard,
                                           wandb_project=a.wandb.project)
-        self.info = resolve_checkpoint_info(a)
         self.model = self.build_model_fn(a, self.info, self.device)
         self.loss_fn = self.loss_factory(self.model, a)
         self.data = self.data_factory(a, self.info, self.device, self.model)
@@ -405,6 +405,9 @@ class Trainer:
                 logger.info(format_eval_line(eval_metrics | {"step": self.step}))
             if a.do_ckpt and self._is_due(a.ckpt_freq):
                 assert self.checkpointer is not None
+                for m in (self.train_metrics, self.eval_metrics):
+                    if m is not None:
+                        m.flush()
                 self.checkpointer.save(self.step, self._rank_state())
                 _maybe_kill_after_checkpoint(self.step)
         if last is not None:
