@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,19 +123,29 @@ def cached_duration(cache_dir: str | os.PathLike, content_hash: str) -> float | 
     An entry exists only for a file that was decoded as stereo and encoded, so a file whose hash
     has one need not be read again to be known good.
     """
-    from safetensors import safe_open
-
-    for entry_dir in sorted(Path(cache_dir).glob("mimi-*-q*")):
+    for entry_dir in _entry_dirs(Path(cache_dir)):
         entry = entry_dir / content_hash[:2] / f"{content_hash}.safetensors"
-        if not entry.is_file():
-            continue
         try:
-            with safe_open(str(entry), framework="pt") as f:
-                meta = f.metadata() or {}
+            meta = _safetensors_metadata(entry)
             return int(meta["num_samples"]) / int(meta["sample_rate"])
-        except Exception:  # noqa: BLE001 - an unreadable entry is re-encoded later; read the audio instead
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: re-encoded later; read the audio instead
             continue
     return None
+
+
+def _entry_dirs(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("mimi-*-q*"))
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: its 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 1 << 24:
+            raise ValueError(f"{path}: implausible safetensors header of {n} bytes")
+        return json.loads(f.read(n)).get("__metadata__") or {}
 
 
 class AudioCodec:
