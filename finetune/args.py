@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -426,13 +427,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _mentions(message: str, key: str) -> bool:
     """Whether a validation message is about `key` (a dotted key, or a section of it)."""
-    import re
-
     return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) is not None
 
 
 # Secret values: never echoed in any message, whatever their type.
 SECRET_KEYS = (("wandb", "key"),)
+SECRET_DOTTED_KEYS = frozenset(".".join(k) for k in SECRET_KEYS)
 
 
 def _redact(errors: list[str], raw: Any) -> list[str]:
@@ -706,6 +706,14 @@ def _decode_dataclass(cls: type, raw: Any, prefix: str, errors: list[str]) -> An
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
             errors.append(f"unknown key {key!r}{hint}")
+            continue
+        if key in SECRET_DOTTED_KEYS:  # a wrong type is reported without the value
+            trial: list[str] = []
+            decoded = _decode_value(hints[name], value, key, trial)
+            if trial:
+                errors.append(f"{key} must be a string (the value is a secret and is not shown)")
+            else:
+                kwargs[name] = decoded
             continue
         n_before = len(errors)
         decoded = _decode_value(hints[name], value, key, errors)

@@ -315,7 +315,6 @@ class Checkpointer:
         if not last:
             return
         needed = folder_bytes(last[-1][1])
-        root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
         if free < needed * 1.1:
             logger.warning(
@@ -389,7 +388,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"writing checkpoint {final}{hint} failed: {reason}; the temporary folder {tmp} was removed; "
                 f"the latest complete checkpoint is {prev if prev else 'none'}"
-            ) from (error if isinstance(error, Exception) else None)
+            ) from error
         barrier()
         if is_main():
             self._apply_retention()

@@ -157,8 +157,12 @@ def duplicate_lines(entries: Sequence[ManifestEntry]) -> list[list[ManifestEntry
 
 
 def describe_duplicates(group: Sequence[ManifestEntry]) -> str:
-    lines = ", ".join(str(e.line) for e in group)
-    return f"{group[0].path} is listed {len(group)} times ({group[0].manifest} lines {lines})"
+    """E.g. ``a.wav is listed 2 times (data.jsonl lines 1, 8)``; `file:line` each when several manifests."""
+    if len({e.manifest for e in group}) == 1:
+        where = f"{group[0].manifest} lines {', '.join(str(e.line) for e in group)}"
+    else:
+        where = ", ".join(e.where for e in group)
+    return f"{group[0].path} is listed {len(group)} times ({where})"
 
 
 def format_problems(problems: Sequence[LineProblem]) -> str:

@@ -46,11 +46,18 @@ def test_create_jsonl_on_an_empty_folder(tmp_path):
     assert not (tmp_path / "m.jsonl").exists()
 
 
-@pytest.mark.parametrize("fraction", ["1.5", "-0.1", "nan", "inf", "1.0"])
-def test_shuffle_dataset_refuses_an_impossible_fraction(tmp_path, fraction):
+def test_shuffle_dataset_refuses_an_impossible_fraction(tmp_path):
     m = write_manifest_lines(tmp_path / "all.jsonl", [{"path": f"{i}.wav", "duration": 1.0} for i in range(4)])
-    line = _one_error_line(_run("scripts/shuffle_dataset.py", str(m), f"--eval-fraction={fraction}"))
-    assert "--eval-fraction must be in [0, 1)" in line
+    line = _one_error_line(_run("scripts/shuffle_dataset.py", str(m), "--eval-fraction=1.5"))
+    assert "--eval-fraction must be in [0, 1), got 1.5" in line
+
+
+@pytest.mark.parametrize("fraction", ["-0.1", "nan", "inf", "1.0"])
+def test_every_impossible_fraction_is_one_error_line(tmp_path, fraction, capsys):
+    m = write_manifest_lines(tmp_path / "all.jsonl", [{"path": f"{i}.wav", "duration": 1.0} for i in range(4)])
+    assert run_main(lambda: shuf.main([str(m), f"--eval-fraction={fraction}"])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --eval-fraction must be in [0, 1), got ") and err.count("\n") == 1
     assert not (tmp_path / "train.jsonl").exists()
 
 
