@@ -73,6 +73,16 @@ class Batch:
 # ----------------------------------------------------------------------------- sources
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A data warning, on rank 0, once per process (the pre-flight check and the loader read the same sources)."""
+    if rank() == 0 and message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
 class SourceData:
     """One source's manifest entries, chunk plan and (lazily, once per file) alignments.
 
@@ -89,8 +99,7 @@ class SourceData:
         if not self.entries:
             raise DataError(f"source {source.spec!r} has no manifest lines ({', '.join(map(str, source.manifests))})")
         for group in duplicate_lines(self.entries):
-            if rank() == 0:
-                logger.warning("source %r: %s; every line is trained on", self.name, describe_duplicates(group))
+            _warn_once(f"source {self.name!r}: {describe_duplicates(group)}; every line is trained on")
         self.skipped: list[LineProblem] = []
         if scan is not None:
             self._scan(scan)
@@ -111,9 +120,8 @@ class SourceData:
         bad = {p.where for p in problems}
         self.skipped = problems
         self.entries = [e for e in self.entries if e.where not in bad]
-        if rank() == 0:
-            logger.warning("source %r: skipping %d bad manifest line(s) (data.skip_bad_files):\n%s", self.name,
-                           len(bad), format_problems(problems))
+        _warn_once(f"source {self.name!r}: skipping {len(bad)} bad manifest line(s) (data.skip_bad_files):\n"
+                   f"{format_problems(problems)}")
         if not self.entries:
             raise DataError(f"source {self.name!r}: every manifest line is unusable:\n{format_problems(problems)}")
 
