@@ -2,10 +2,11 @@
 
 A wrong model path, an unknown LLM repo or a bad manifest line found after the run folder was
 created leaves a stale folder behind (and, with `resume: true`, a stale `args.yaml`). So the
-trainer calls :func:`preflight` first: the Moshi files (`moshi_paths.*`) resolve, the LLM of a
-DSAA run (`text_llm.hf_repo_id`) has a config, and every manifest line of the train (and, with
-`do_eval`, eval) data passes the up-front scan, and a resumed run's config is one its checkpoint
-accepts; wandb is installed when `wandb.project` is set. All problems are reported together.
+trainer calls :func:`preflight` first: a resumed run's config must be one its checkpoint accepts;
+the Moshi files (`moshi_paths.*`) must resolve; the LLM of a DSAA run (`text_llm.hf_repo_id`) must
+have a config; wandb must be installed when `wandb.project` is set; every manifest line of the
+train (and, with `do_eval`, eval) data must pass the up-front scan. The problems of the last four
+are reported together.
 """
 
 from __future__ import annotations
