@@ -41,6 +41,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 
+from finetune.cli import run_main
 from finetune.data.alignments import MAIN_SPEAKER, AlignedWord, alignment_path_for, write_alignments
 from finetune.data.audio import read_audio, resample
 from finetune.data.manifest import read_manifest
@@ -83,6 +84,7 @@ class FileResult:
     reason: str = ""
     audio_sec: float = 0.0
     n_words: int = 0
+    mono: bool = False  # only one channel: it was transcribed as the main speaker's
 
 
 @dataclass
@@ -97,11 +99,14 @@ class Summary:
     load_sec: float = 0.0  # model loading, excluded from the rates
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    mono_files: list[str] = field(default_factory=list)
 
     def add(self, r: FileResult) -> None:
         if r.status == "done":
             self.done += 1
             self.audio_sec += r.audio_sec
+            if r.mono:
+                self.mono_files.append(r.path)
         elif r.status == "failed":
             self.failed += 1
             self.audio_sec += r.audio_sec
@@ -118,6 +123,7 @@ class Summary:
         self.load_sec = max(self.load_sec, other.load_sec)
         self.failures += other.failures
         self.skipped_files += other.skipped_files
+        self.mono_files += other.mono_files
 
     @property
     def processed(self) -> int:
@@ -128,8 +134,10 @@ class Summary:
         why = ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items()))
         t = self.work_sec
         load = f" (model load {self.load_sec:.1f}s)" if self.load_sec else ""
+        mono = (f" ({len(self.mono_files)} mono: channel 0, their only one, transcribed as {MAIN_SPEAKER}; "
+                "training needs stereo)") if self.mono_files else ""
         return (
-            f"annotate: {self.done} done, {n_skip} skipped{f' ({why})' if why else ''}, {self.failed} failed "
+            f"annotate: {self.done} done{mono}, {n_skip} skipped{f' ({why})' if why else ''}, {self.failed} failed "
             f"in {self.elapsed:.1f}s{load}: {self.processed / t:.2f} files/s, {self.audio_sec / t:.2f} audio-s/s"
         )
 
@@ -197,6 +205,10 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+class ModelNotFoundError(ValueError):
+    """The Whisper model is neither a local file nor cached, and could not be downloaded."""
+
+
 def load_whisper(cfg: AnnotateConfig) -> Any:
     import whisper_timestamped
 
@@ -207,7 +219,15 @@ def load_whisper(cfg: AnnotateConfig) -> Any:
         )
     device = resolve_device(cfg.device)
     logger.info("loading whisper %s on %s", cfg.whisper_model, device)
-    return whisper_timestamped.load_model(cfg.whisper_model, device=device)
+    try:
+        return whisper_timestamped.load_model(cfg.whisper_model, device=device)
+    except (OSError, RuntimeError, ValueError) as e:
+        if Path(cfg.whisper_model).exists():
+            raise  # a real file that does not load: its own error says why
+        raise ModelNotFoundError(
+            f"whisper model {cfg.whisper_model!r}: model not found locally; pass a path or a cached model name "
+            f"(--whisper_model; fetching it failed: {type(e).__name__}: {e})"
+        ) from None
 
 
 def widen_segments(segments: list[dict], pad: float, total: float) -> list[dict]:
@@ -306,12 +326,16 @@ def transcribe_channel(model: Any, audio16k: torch.Tensor, cfg: AnnotateConfig, 
     return words_from_result(result, duration, speaker, source)
 
 
-def annotate_file(model: Any, audio: Path, cfg: AnnotateConfig) -> tuple[int, float]:
-    """Transcribes one file and writes its alignment JSON. Returns (words, audio seconds)."""
+def annotate_file(model: Any, audio: Path, cfg: AnnotateConfig) -> tuple[int, float, bool]:
+    """Transcribes one file and writes its alignment JSON. Returns (words, audio seconds, mono)."""
     wav, sr = read_audio(audio)
     duration = wav.shape[-1] / sr
     if duration > cfg.max_duration:
         raise ValueError(f"{audio}: {duration / 3600:.1f} h long, over the {cfg.max_duration / 3600:.1f} h limit")
+    mono = wav.shape[0] == 1
+    if mono and not cfg.both_channels:
+        logger.warning("%s is mono: its only channel is transcribed as %s; training needs stereo (left = model, "
+                       "right = user)", audio, MAIN_SPEAKER)
     channels = [(0, MAIN_SPEAKER)]
     if cfg.both_channels:
         if wav.shape[0] < 2:
@@ -324,7 +348,7 @@ def annotate_file(model: Any, audio: Path, cfg: AnnotateConfig) -> tuple[int, fl
     words.sort(key=lambda w: w.start)  # stable: at equal starts, main speaker first
     write_alignments(alignment_path_for(audio), words)
     error_path_for(audio).unlink(missing_ok=True)
-    return len(words), duration
+    return len(words), duration, mono
 
 
 def _is_fatal(e: BaseException) -> bool:
@@ -335,7 +359,7 @@ def _is_fatal(e: BaseException) -> bool:
 def process_path(model: Any, audio: Path, cfg: AnnotateConfig) -> FileResult:
     """Annotates one file; a failure leaves `.json.err` with the exception and traceback."""
     try:
-        n_words, duration = annotate_file(model, audio, cfg)
+        n_words, duration, mono = annotate_file(model, audio, cfg)
     except Exception as e:
         if _is_fatal(e):
             raise
@@ -350,7 +374,7 @@ def process_path(model: Any, audio: Path, cfg: AnnotateConfig) -> FileResult:
             gc.collect()
             torch.cuda.empty_cache()
     logger.debug("%s: %d words", audio, n_words)
-    return FileResult(str(audio), "done", audio_sec=duration, n_words=n_words)
+    return FileResult(str(audio), "done", audio_sec=duration, n_words=n_words, mono=mono)
 
 
 # ---------------------------------------------------------------- running
@@ -592,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--workers is for local runs: add --local (or --shard-index)")
         summary = run_slurm(manifest, cfg, args.shards, args.log_folder, args.partition, args.cluster)
     print(summary.line(), flush=True)
+    for path in summary.mono_files:
+        logger.warning("mono, channel 0 transcribed: %s", path)
     for path, reason in summary.failures[:20]:
         logger.error("failed: %s: %s", path, reason)
     if args.summary_json:
@@ -600,4 +626,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,13 +24,15 @@ from finetune.data.manifest import ManifestError
 from finetune.data.sources import SourceError
 from finetune.distributed import destroy_distributed
 from finetune.logging_utils import setup_logging
+from finetune.monitoring.metrics_logger import MetricsFileError
+from finetune.preflight import PreflightError
 from finetune.trainer import NonFiniteError, Trainer
 
 # Problems with the user's config, data or run dir: reported as one message, no traceback
 # (set MOSHI_FT_TRACEBACK=1 to see it). Anything else is a bug and keeps its traceback.
 USER_ERRORS = (
     ConfigError, ResumeMismatchError, CheckpointError, ManifestError, AlignmentError, AudioReadError,
-    DataError, SourceError, NonFiniteError, FileNotFoundError, FileExistsError,
+    DataError, SourceError, NonFiniteError, FileNotFoundError, FileExistsError, PreflightError, MetricsFileError,
 )
 
 logger = logging.getLogger("train")

@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -183,6 +184,10 @@ class DataArgs:
     null → no disk cache: codes are computed on first use and only kept in memory for
     the run. `python -m finetune.data.precompute CONFIG` fills the cache ahead of time.
     `merge_group`: sources (as written in `train_data`) forming the first, merged stage.
+    `skip_bad_files`: files the up-front data scan finds unusable (unreadable, not stereo,
+    empty, duration not matching the manifest, bad alignment file) are left out, and
+    counted in the log, instead of stopping the run before its first step.
+    `duration_tolerance_sec`: how far a manifest duration may be from the file's.
     The remaining `*_data` keys are accepted and unused: they belong to the DSAA evaluations
     (`do_eval_loss`, `do_mmlu`, `do_slm`, `do_cd`), which are not implemented yet and are
     refused when switched on.
@@ -193,6 +198,8 @@ class DataArgs:
     eval_data: str = ""
     cache_dir: str | None = None
     merge_group: list[str] = field(default_factory=list)
+    skip_bad_files: bool = False
+    duration_tolerance_sec: float = 0.1
     aug: AugArgs = field(default_factory=AugArgs)
     eval_loss_data: str = ""
     mmlu_data: str = ""
@@ -300,15 +307,23 @@ class TrainArgs:
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError([f"not valid YAML: {e}"], source=str(p)) from None
+            raise ConfigError([f"not valid YAML: {_yaml_problem(e)}"], source=str(p)) from None
         return cls.from_dict(raw if raw is not None else {}, validate=validate, source=str(p))
 
     @classmethod
     def from_dict(cls, raw: Any, validate: bool = True, source: str | None = None) -> TrainArgs:
+        """Decodes and validates a mapping; every problem (type errors and rule violations) in one `ConfigError`.
+
+        A key of the wrong type takes its default for the cross-key rules, so one bad value does
+        not hide the other problems; rules that mention a badly typed key are left out.
+        """
         errors: list[str] = []
         args = _decode_dataclass(cls, raw, "", errors)
         if errors or args is None:
-            raise ConfigError(errors or ["could not decode the configuration"], source=source)
+            if args is not None and validate:
+                bad = {m.split(" ", 1)[0].rstrip(":") for m in errors}
+                errors += [m for m in _validate(args) if not any(_mentions(m, k) for k in bad)]
+            raise ConfigError(_redact(errors or ["could not decode the configuration"], raw), source=source)
         if args.wandb.key:
             logger.warning(
                 "wandb.key in the config file is deprecated: put the key in the WANDB_API_KEY "
@@ -331,6 +346,20 @@ class TrainArgs:
         """Writes the config as YAML (sorted keys, defaults included, no secrets), atomically."""
         atomic_write_text(path, self.to_yaml())
 
+    def record_in(self, run_dir: str | os.PathLike) -> None:
+        """Writes `run_dir/args.yaml`: the config this run runs with.
+
+        A resumed run whose config differs from the recorded one (in keys a resume may change, such
+        as `log_freq`, or in paths of moved files) keeps the old file as `args.previous.yaml`.
+        """
+        path = Path(run_dir) / "args.yaml"
+        text = self.to_yaml()
+        if path.is_file():
+            if path.read_text(encoding="utf-8") == text:
+                return
+            os.replace(path, path.with_name("args.previous.yaml"))
+        atomic_write_text(path, text)
+
     def __repr__(self) -> str:  # never print the key, even through a debugger or a log of `args`
         return f"TrainArgs({self.to_dict()!r})"
 
@@ -340,26 +369,18 @@ class TrainArgs:
         """Checks every cross-key rule; collects all problems and raises one `ConfigError`."""
         errors = _validate(self)
         if errors:
-            raise ConfigError(errors, source=source)
+            raise ConfigError(_redact(errors, {"wandb": {"key": self.wandb.key}}), source=source)
         if self.lora is not None and self.lora.enable and not self.save_adapters and not self.full_finetuning:
             logger.warning("save_adapters: false merges LoRA into the full model at every checkpoint "
                            "(a full-size export; it may run out of memory on large models)")
 
     @staticmethod
-    def config_hash_fields() -> list[str]:
-        """Dotted keys whose change makes resuming a run invalid (the trainer compares them)."""
-        return [
-            "moshi_paths.hf_repo_id", "moshi_paths.moshi_path", "moshi_paths.mimi_path",
-            "moshi_paths.tokenizer_path", "moshi_paths.config_path",
-            "lora.enable", "lora.rank", "lora.scaling", "lora.ft_embed",
-            "full_finetuning", "param_dtype", "duration_sec", "batch_size", "num_microbatches",
-            "max_steps", "seed", "data.train_data", "data.shuffle", "data.merge_group",
-            "optim.lr", "optim.weight_decay", "optim.pct_start", "optim.cycle_momentum",
-            "optim.proj_lr", "optim.proj_wd", "optim.finetune_lr", "optim.finetune_wd",
-            "text_llm.enable", "text_llm.hf_repo_id", "text_llm.revision", "text_llm.pad_token",
-            "text_llm.epad_token", "text_llm.bos_token", "text_llm.proj_hidden", "text_llm.frozen_modules",
-            "only_text",
-        ]
+    def resume_safe_keys() -> tuple[str, ...]:
+        """Dotted keys (or whole sections) a resumed run may change: they cannot change what is computed.
+
+        Everything else is part of the resume fingerprint, so a key added later is checked by default.
+        """
+        return RESUME_SAFE_KEYS
 
     def get_dotted(self, key: str) -> Any:
         """Value of a dotted key such as `lora.rank` (None when a section is null)."""
@@ -371,8 +392,88 @@ class TrainArgs:
         return obj
 
     def resume_fingerprint(self) -> dict[str, Any]:
-        """`{dotted key: value}` for `config_hash_fields()`, JSON-serialisable."""
-        return {k: _encode(self.get_dotted(k)) for k in self.config_hash_fields()}
+        """`{dotted key: value}` of every key outside `resume_safe_keys()`, JSON-serialisable."""
+        return {k: v for k, v in _flatten(self.to_dict()).items() if not _is_resume_safe(k)}
+
+    @classmethod
+    def default_fingerprint(cls) -> dict[str, Any]:
+        """The fingerprint of the defaults: the value a key had in a checkpoint written before it existed."""
+        return cls.from_dict({"data": {}, "run_dir": "."}, validate=False).resume_fingerprint()
+
+
+# Keys that only decide what is logged, evaluated or saved, where, and how fast: the trained weights
+# and the logged training losses do not depend on them. `data.cache_dir` holds codes that equal the
+# codes computed without it; `world_size` is checked on its own (the data position is per rank).
+RESUME_SAFE_KEYS: tuple[str, ...] = (
+    "run_dir", "resume", "overwrite_run_dir", "world_size", "compile", "gradient_checkpointing",
+    "log_freq", "ckpt_freq", "do_ckpt", "num_ckpt_keep", "save_adapters",
+    "eval_freq", "do_eval", "eval_duration_sec", "eval_batches", "data.eval_data",
+    "do_eval_loss", "do_mmlu", "do_slm", "do_cd", "data.eval_loss_data", "data.mmlu_data", "data.swuggy_data",
+    "data.sblimp_data", "data.ssc_data", "data.cd_data",
+    "data.cache_dir", "wandb", "tensorboard",
+)
+
+
+def _is_resume_safe(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_SAFE_KEYS)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _mentions(message: str, key: str) -> bool:
+    """Whether a validation message is about `key` (a dotted key, or a section of it)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) is not None
+
+
+# Secret values: never echoed in any message, whatever their type.
+SECRET_KEYS = (("wandb", "key"),)
+SECRET_DOTTED_KEYS = frozenset(".".join(k) for k in SECRET_KEYS)
+
+
+def _redact(errors: list[str], raw: Any) -> list[str]:
+    """Replaces every secret value of `raw` (a list's items too) found in `errors` by ``<hidden>``."""
+    secrets: list[str] = []
+
+    def collect(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                collect(x)
+        elif isinstance(v, (list, tuple)):
+            secrets.append(repr(v))
+            for x in v:
+                collect(x)
+        elif v is not None and not isinstance(v, bool) and str(v):
+            secrets.extend({repr(v), str(v)})
+
+    for section, key in SECRET_KEYS:
+        node = raw.get(section) if isinstance(raw, dict) else None
+        if isinstance(node, dict) and key in node:
+            collect(node[key])
+        elif node is not None and not isinstance(node, dict):
+            collect(node)  # the whole section given as a scalar may be the secret itself
+    out = []
+    for m in errors:
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= 3:
+                m = m.replace(secret, "<hidden>")
+        out.append(m)
+    return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's problem and position, without the quoted source line (which may hold a secret)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or type(e).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 # ----------------------------------------------------------------------------- validation
@@ -452,6 +553,8 @@ def _validate(a: TrainArgs) -> list[str]:
                  f"got {a.moshi_paths.moshi_path!r}")
     if a.wandb.project is not None and not a.wandb.project.strip():
         e.append("wandb.project must be a non-empty name or null")
+    if not a.data.duration_tolerance_sec >= 0:
+        e.append(f"data.duration_tolerance_sec must be >= 0, got {a.data.duration_tolerance_sec}")
     _validate_data(a, e)
     _validate_aug(a.data.aug, e)
     return e
@@ -611,6 +714,14 @@ def _decode_dataclass(cls: type, raw: Any, prefix: str, errors: list[str]) -> An
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
             errors.append(f"unknown key {key!r}{hint}")
+            continue
+        if key in SECRET_DOTTED_KEYS:  # a wrong type is reported without the value
+            trial: list[str] = []
+            decoded = _decode_value(hints[name], value, key, trial)
+            if trial:
+                errors.append(f"{key} must be a string (the value is a secret and is not shown)")
+            else:
+                kwargs[name] = decoded
             continue
         n_before = len(errors)
         decoded = _decode_value(hints[name], value, key, errors)

@@ -51,6 +51,60 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which and what is still usable."""
 
 
+def _dcp_exception_types() -> tuple[type[BaseException], ...]:
+    """`torch.distributed.checkpoint` reports write failures with an exception outside `Exception`."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # a torch build without distributed support
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+def root_causes(error: BaseException) -> list[BaseException]:
+    """The exceptions behind `error`: the per-rank failures a DCP exception wraps, else `error` itself."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, Mapping) and failures:
+        out = []
+        for item in failures.values():
+            exc = item[0] if isinstance(item, tuple) else item
+            out.extend(root_causes(exc) if isinstance(exc, BaseException) else [])
+        return out or [error]
+    return [error]
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error` (or a failure it wraps, or its cause) is "no space left on device" or a quota."""
+    seen: set[int] = set()
+    todo = [error] if error is not None else []
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        todo.extend(c for c in root_causes(e) if c is not e)
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+    return False
+
+
+def describe_error(error: BaseException) -> str:
+    """One line per underlying failure (no traceback), e.g. ``OSError: [Errno 28] No space left on device``."""
+    return "; ".join(f"{type(c).__name__}: {c}" for c in root_causes(error))
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under `folder` (0 when it does not exist)."""
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 class ResumeMismatchError(ValueError):
     """The config of a resumed run differs from the checkpoint's in keys that matter (named)."""
 
@@ -259,6 +313,18 @@ class Checkpointer:
     def export_name(self) -> str:
         return "lora.safetensors" if self.lora and self.save_adapters else "consolidated.safetensors"
 
+    def _warn_if_low_on_space(self, root: Path) -> None:
+        """Warns when the free space under `root` is below the size of the last checkpoint (plus 10%)."""
+        last = list_checkpoints(self.run_dir)
+        if not last:
+            return
+        needed = folder_bytes(last[-1][1])
+        free = shutil.disk_usage(root).free
+        if free < needed * 1.1:
+            logger.warning(
+                "low disk space: %.2f GiB free under %s, the last checkpoint took %.2f GiB; this checkpoint may "
+                "fail (free space, or lower num_ckpt_keep)", free / 2**30, root, needed / 2**30)
+
     def save(self, step: int, rank_state: Mapping[str, Any]) -> Path:
         """Writes checkpoint `step` (a collective: every rank calls it); returns its folder.
 
@@ -275,22 +341,28 @@ class Checkpointer:
 
         final = checkpoint_dir(self.run_dir, step)
         tmp = final.with_name(f".{final.name}.tmp")
+        catchable = _dcp_exception_types()
+        error: BaseException | None = None
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             for stale in final.parent.glob(".checkpoint_*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            self._warn_if_low_on_space(final.parent)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = e
         barrier()
-        error: BaseException | None = None
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-                dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "resume"))
-            state = dict(rank_state)
-            state["rng"] = rng_state()
-            torch.save(_to_safe(state), tmp / "resume" / f"rank_{get_rank():05d}.pt")
-        except Exception as e:  # noqa: BLE001 - re-raised below on every rank as CheckpointError
-            error = e
+        if not any_rank(error is not None):
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                    dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "resume"))
+                state = dict(rank_state)
+                state["rng"] = rng_state()
+                torch.save(_to_safe(state), tmp / "resume" / f"rank_{get_rank():05d}.pt")
+            except catchable as e:  # re-raised below on every rank as CheckpointError
+                error = e
         export: dict[str, torch.Tensor] = {}
         if not any_rank(error is not None):
             export = gather_export_state(self.model, trainable_only=self.lora and self.save_adapters)
@@ -308,7 +380,7 @@ class Checkpointer:
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)
-            except Exception as e:  # noqa: BLE001
+            except catchable as e:
                 error = e
         del export
         failed = any_rank(error is not None)
@@ -316,10 +388,10 @@ class Checkpointer:
             if is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
             prev = latest_resumable(self.run_dir)
-            reason = error if error is not None else "another rank failed"
-            hint = " (disk full)" if isinstance(error, OSError) and error.errno == errno.ENOSPC else ""
+            reason = describe_error(error) if error is not None else "another rank failed"
+            hint = " (disk full: free space, then resume with resume: true)" if is_disk_full(error) else ""
             raise CheckpointError(
-                f"writing checkpoint {final}{hint} failed: {reason}; nothing of it was kept; "
+                f"writing checkpoint {final}{hint} failed: {reason}; the temporary folder {tmp} was removed; "
                 f"the latest complete checkpoint is {prev if prev else 'none'}"
             ) from error
         barrier()
@@ -348,20 +420,7 @@ class Checkpointer:
 
     def check_compatible(self, folder: Path) -> dict[str, Any]:
         """Reads `trainer.json`; raises `ResumeMismatchError` naming every config key that changed."""
-        meta = json.loads((folder / "resume" / "trainer.json").read_text(encoding="utf-8"))
-        saved = meta.get("fingerprint", {})
-        changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
-        problems = [f"{k}: {saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now" for k in changed]
-        if meta.get("world_size") != get_world_size():
-            problems.append(f"world size (number of processes): {meta.get('world_size')} in the checkpoint, "
-                            f"{get_world_size()} now (the data position is per rank)")
-        if problems:
-            raise ResumeMismatchError(
-                f"cannot resume from {folder}: the configuration changed in keys that matter:\n  - "
-                + "\n  - ".join(problems)
-                + "\nrestore them, or start a new run (another run_dir, or overwrite_run_dir: true)"
-            )
-        return meta
+        return check_resume_compatible(folder, self.fingerprint)
 
     def load(self, folder: Path, apply_rng: bool = True) -> tuple[int, dict[str, Any]]:
         """Restores model and optimizer from `folder`; returns ``(step, this rank's state)``."""
@@ -388,6 +447,32 @@ class Checkpointer:
             set_rng_state(rank_state["rng"])
         logger.info("resumed from %s (step %d)", folder, meta["step"])
         return int(meta["step"]), rank_state
+
+
+def check_resume_compatible(folder: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """Reads `folder`'s `trainer.json`; raises `ResumeMismatchError` naming every config key that changed.
+
+    A key the checkpoint does not record did not exist when it was written: it ran with the default.
+    """
+    from finetune.args import TrainArgs
+
+    fingerprint = json.loads(json.dumps(dict(fingerprint)))
+    meta = json.loads((folder / "resume" / "trainer.json").read_text(encoding="utf-8"))
+    recorded = meta.get("fingerprint", {})
+    saved = {k: v for k, v in (TrainArgs.default_fingerprint() | recorded).items()
+             if k in fingerprint or k in recorded}
+    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    problems = [f"{k}: {saved.get(k)!r} in the checkpoint, {fingerprint.get(k)!r} now" for k in changed]
+    if meta.get("world_size") != get_world_size():
+        problems.append(f"world size (number of processes): {meta.get('world_size')} in the checkpoint, "
+                        f"{get_world_size()} now (the data position is per rank)")
+    if problems:
+        raise ResumeMismatchError(
+            f"cannot resume from {folder}: the configuration changed in keys that matter:\n  - "
+            + "\n  - ".join(problems)
+            + "\nrestore them, or start a new run (another run_dir, or overwrite_run_dir: true)"
+        )
+    return meta
 
 
 def _fsync_dir(path: Path) -> None:

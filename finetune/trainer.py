@@ -50,6 +50,7 @@ from finetune.monitoring.utils import (
     eta_seconds,
     peak_memory_gib,
 )
+from finetune.preflight import preflight
 
 logger = logging.getLogger("train")
 
@@ -176,8 +177,7 @@ def prepare_run_dir(args: TrainArgs) -> bool:
     barrier()
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "args.yaml").exists():
-            args.save(run_dir / "args.yaml")
+        args.record_in(run_dir)
     barrier()
     return args.resume
 
@@ -275,6 +275,7 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.manual_seed(a.seed)
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        info = preflight(a)  # model files and data checked before run_dir is touched
         want_resume = prepare_run_dir(a)
         logger.info("run dir %s; rank %d / %d on %s", self.run_dir, get_rank(), get_world_size(), self.device)
         logger.info("config:\n%s", a.to_yaml())
@@ -285,7 +286,7 @@ class Trainer:
         )
         self.eval_metrics = MetricsLogger(self.run_dir, "eval", is_main(), tensorboard=a.tensorboard,
                                           wandb_project=a.wandb.project)
-        self.family = self._family if self._family is not None else model_family(a)
+        self.family = self._family if self._family is not None else model_family(a, info)
         self.info = self.family.info
         self.model = self.family.build(self.device)
         self.loss_fn = self.family.loss(self.model)
@@ -358,6 +359,9 @@ class Trainer:
                 logger.info(format_eval_line(eval_metrics | {"step": self.step}))
             if a.do_ckpt and self._is_due(a.ckpt_freq):
                 assert self.checkpointer is not None
+                for m in (self.train_metrics, self.eval_metrics):
+                    if m is not None:
+                        m.flush()
                 self.checkpointer.save(self.step, self._rank_state())
                 if self.fault_hook is not None:
                     self.fault_hook("after_checkpoint", self.step)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from finetune.cli import run_main
 from finetune.data.manifest import write_manifest
 
 logger = logging.getLogger("create_jsonl")
@@ -61,7 +62,8 @@ def build_manifest(root: Path, output: Path, extensions: Sequence[str] = DEFAULT
     """Writes the manifest; returns (lines written, unreadable files)."""
     paths = find_audio_files(root, extensions)
     if not paths:
-        raise FileNotFoundError(f"no {'/'.join(extensions)} file under {root}")
+        raise FileNotFoundError(f"no {'/'.join(extensions)} file under {root} (--ext sets the extensions); "
+                                "nothing written")
     durations = read_durations(paths, progress)
     good = [(p, d) for p, d in zip(paths, durations) if d is not None and d > 0]
     bad = [p for p, d in zip(paths, durations) if d is None or d <= 0]
@@ -88,4 +90,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -12,15 +12,17 @@ Each file gets issues of three severities:
   `audio_missing`, `audio_unreadable`, `not_stereo`, `duration_mismatch` (manifest vs
   file, beyond the tolerance: the manifest is stale), `alignment_missing`,
   `alignment_invalid` (not JSON, wrong shape, bad times), `words_after_end` (a word
-  starts after the end of the audio: the JSON belongs to another file).
+  starts after the end of the audio: the JSON belongs to another file). Malformed
+  manifest lines are listed too, each with its line; an empty manifest fails.
 * warning (trains, but probably not what you want; exit 1 only with `--strict`):
   `sample_rate` (not 24 kHz: resampled on the fly), `words_unsorted` (sorted at load),
   `words_past_end` (a word ends after the audio), `empty_transcript` (no SPEAKER_MAIN
-  word), `silent_channel` (a channel's RMS below `--silence-db`).
+  word), `silent_channel` (a channel's RMS below `--silence-db`), `duplicate_line` (the
+  same audio file on several lines: trained on once per line; named with the lines).
 * info: sample rate, channels and duration of every file (in the JSON report).
 
-Exit status: 0 clean (warnings allowed), 1 errors (or warnings with --strict), 2 the
-manifest itself cannot be read.
+Exit status: 0 clean (warnings allowed), 1 errors (or warnings with --strict, or an empty
+manifest), 2 the manifest itself cannot be read or has malformed lines (every one listed).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from finetune.data.alignments import (
 from finetune.data.audio import DB_FLOOR, AudioReadError, read_audio
 from finetune.data.manifest import ManifestEntry, ManifestError, read_manifest
 from moshi.utils.atomic import atomic_write_json
+from finetune.data.scan import describe_duplicates, duplicate_lines
 
 MODEL_SAMPLE_RATE = 24000
 
@@ -63,6 +66,7 @@ SEVERITY = {
     "words_past_end": WARNING,
     "empty_transcript": WARNING,
     "silent_channel": WARNING,
+    "duplicate_line": WARNING,
 }
 
 
@@ -138,8 +142,11 @@ def _audio_info(entry: ManifestEntry, report: FileReport, opts: CheckOptions) ->
         report.add("not_stereo", f"{report.channels} channel(s); training needs stereo (left: model, right: user)")
     if report.sample_rate != MODEL_SAMPLE_RATE:
         report.add("sample_rate", f"{report.sample_rate} Hz, resampled to {MODEL_SAMPLE_RATE} Hz at load time")
-    if abs(report.duration - entry.duration) > opts.duration_tolerance:
-        report.add("duration_mismatch", f"manifest says {entry.duration:.3f}s, the file lasts {report.duration:.3f}s")
+    if report.duration == 0:
+        report.add("audio_unreadable", f"{path} is empty (0 samples)")
+    elif abs(report.duration - entry.duration) > opts.duration_tolerance:
+        report.add("duration_mismatch", f"manifest says {entry.duration:.3f}s, the file lasts {report.duration:.3f}s "
+                   "(the manifest line is stale)")
     if report.channel_rms_db is not None:
         for ch, db in enumerate(report.channel_rms_db):
             if db < opts.silence_db:
@@ -190,10 +197,15 @@ def check_entry(entry: ManifestEntry, opts: CheckOptions = CheckOptions()) -> Fi
 class DatasetReport:
     manifest: str
     files: list[FileReport]
+    bad_lines: list[str] = field(default_factory=list)  # malformed manifest lines, `file:line: why`
+
+    @property
+    def empty(self) -> bool:
+        return not self.files and not self.bad_lines
 
     @property
     def n_errors(self) -> int:
-        return sum(len(f.errors) for f in self.files)
+        return sum(len(f.errors) for f in self.files) + len(self.bad_lines) + int(self.empty)
 
     @property
     def n_warnings(self) -> int:
@@ -219,9 +231,11 @@ class DatasetReport:
         }
 
     def to_json(self) -> dict:
-        return {"manifest": self.manifest, "summary": self.summary(), "files": [f.to_json() for f in self.files]}
+        return {"manifest": self.manifest, "summary": self.summary(), "bad_lines": self.bad_lines,
+                "files": [f.to_json() for f in self.files]}
 
-    def table(self, max_examples: int = 3) -> str:
+    def table(self, max_examples: int | None = None) -> str:
+        """The report as text: every file of every issue unless `max_examples` caps them per issue."""
         s = self.summary()
         lines = [
             f"dataset {self.manifest}: {s['files']} files, {s['hours']:.2f} h, {s['main_words']} {MAIN_SPEAKER} words; "
@@ -229,6 +243,11 @@ class DatasetReport:
             f"  ok: {s['files_ok']}   with errors: {s['files_with_errors']}   "
             f"with warnings only: {s['files_with_warnings']}",
         ]
+        if self.empty:
+            lines.append("  the manifest has no entry: nothing to train on")
+        if self.bad_lines:
+            lines.append(f"  {len(self.bad_lines)} malformed manifest line(s) (left out of the checks below):")
+            lines += [f"    {b}" for b in self.bad_lines]
         if s["issues"]:
             lines.append(f"  {'issue':<20} {'severity':<8} {'files':>6}  example")
             for code, info in s["issues"].items():
@@ -242,9 +261,14 @@ class DatasetReport:
 def check_manifest(path: str | Path, opts: CheckOptions = CheckOptions(), progress: bool = True) -> DatasetReport:
     from tqdm import tqdm
 
-    entries = read_manifest(path)
+    bad_lines: list[str] = []
+    entries = read_manifest(path, errors=bad_lines)
     files = [check_entry(e, opts) for e in tqdm(entries, desc="check", unit="file", disable=not progress)]
-    return DatasetReport(str(Path(path).resolve()), files)
+    by_entry = dict(zip(map(id, entries), files))
+    for group in duplicate_lines(entries):
+        for e in group:
+            by_entry[id(e)].add("duplicate_line", describe_duplicates(group))
+    return DatasetReport(str(Path(path).resolve()), files, bad_lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="warnings fail too")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.duration_tolerance < 0:
-        raise ValueError(f"--duration-tolerance must be >= 0, got {args.duration_tolerance}")
+    if not args.duration_tolerance >= 0:
+        p.error(f"--duration-tolerance must be >= 0, got {args.duration_tolerance}")
     opts = CheckOptions(args.duration_tolerance, args.silence_db, not args.no_audio_stats)
     try:
         report = check_manifest(args.manifest, opts, progress=not args.no_progress)
@@ -270,7 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_json(args.json, report.to_json(), indent=2)
     failed = report.n_errors > 0 or (args.strict and report.n_warnings > 0)
     print(f"check: {report.n_errors} errors, {report.n_warnings} warnings -> {'FAIL' if failed else 'OK'}")
-    return 1 if failed else 0
+    for line in report.bad_lines:
+        print(f"check: {line}", file=sys.stderr)
+    if report.empty:
+        print(f"check: {report.manifest} has no entry", file=sys.stderr)
+    return 2 if report.bad_lines else 1 if failed else 0
 
 
 if __name__ == "__main__":

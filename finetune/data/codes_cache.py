@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,53 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _memo_file(cache_dir: Path, path: Path) -> Path:
+    return cache_dir / "hashes" / f"{hashlib.sha1(str(path).encode()).hexdigest()}.json"
+
+
+def memoised_hash(cache_dir: str | os.PathLike, path: Path, st: os.stat_result | None = None) -> str | None:
+    """The content hash the cache recorded for `path` at its current size and mtime, else None (no reading)."""
+    st = st if st is not None else path.stat()
+    try:
+        m = json.loads(_memo_file(Path(cache_dir), path).read_text())
+        if m.get("size") == st.st_size and m.get("mtime_ns") == st.st_mtime_ns:
+            return str(m["sha256"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return None
+
+
+def cached_duration(cache_dir: str | os.PathLike, content_hash: str) -> float | None:
+    """Seconds of audio behind a cache entry of any Mimi version, from its header only; None if none.
+
+    An entry exists only for a file that was decoded as stereo and encoded, so a file whose hash
+    has one need not be read again to be known good.
+    """
+    for entry_dir in _entry_dirs(Path(cache_dir)):
+        entry = entry_dir / content_hash[:2] / f"{content_hash}.safetensors"
+        try:
+            meta = _safetensors_metadata(entry)
+            return int(meta["num_samples"]) / int(meta["sample_rate"])
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: re-encoded later; read the audio instead
+            continue
+    return None
+
+
+def _entry_dirs(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("mimi-*-q*"))
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: its 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 1 << 24:
+            raise ValueError(f"{path}: implausible safetensors header of {n} bytes")
+        return json.loads(f.read(n)).get("__metadata__") or {}
 
 
 class AudioCodec:
@@ -221,20 +269,12 @@ class CodesStore:
         h = self._hash_memo.get(memo_key)
         if h is not None:
             return h
-        memo_file = None
-        if self.cache_dir is not None:
-            memo_file = self.cache_dir / "hashes" / f"{hashlib.sha1(str(path).encode()).hexdigest()}.json"
-            try:
-                m = json.loads(memo_file.read_text())
-                if m.get("size") == st.st_size and m.get("mtime_ns") == st.st_mtime_ns:
-                    h = str(m["sha256"])
-            except (OSError, ValueError, KeyError):
-                h = None
+        h = memoised_hash(self.cache_dir, path, st) if self.cache_dir is not None else None
         if h is None:
             h = sha256_file(path)
-            if memo_file is not None:
-                atomic_write_json(memo_file, {"path": str(path), "size": st.st_size,
-                                              "mtime_ns": st.st_mtime_ns, "sha256": h})
+            if self.cache_dir is not None:
+                atomic_write_json(_memo_file(self.cache_dir, path), {"path": str(path), "size": st.st_size,
+                                                                     "mtime_ns": st.st_mtime_ns, "sha256": h})
         self._hash_memo[memo_key] = h
         return h
 

@@ -36,9 +36,17 @@ from finetune.data.chunks import Chunk, num_frames, plan_chunks
 from finetune.data.codes_cache import AudioCodec, CodesStore, FileCodes, read_stereo
 from finetune.data.interleaver import Interleaver, InterleaverStats
 from finetune.data.manifest import ManifestEntry, read_manifest
+from finetune.data.scan import (
+    LineProblem,
+    ScanOptions,
+    describe_duplicates,
+    duplicate_lines,
+    format_problems,
+    scan_entries,
+)
 from finetune.data.sources import Source, parse_sources
 from finetune.data.text_tokenizer import TextTokenizer
-from finetune.logging_utils import log_main
+from finetune.logging_utils import log_main, rank
 
 logger = logging.getLogger(__name__)
 
@@ -65,35 +73,57 @@ class Batch:
 # ----------------------------------------------------------------------------- sources
 
 
-class SourceData:
-    """One source's manifest entries, chunk plan and (lazily, once per file) alignments."""
+_WARNED: set[str] = set()
 
-    def __init__(self, source: Source, chunk_sec: float, frame_rate: float = 12.5, check_files: bool = True):
+
+def _warn_once(message: str) -> None:
+    """A data warning, on rank 0, once per process (the pre-flight check and the loader read the same sources)."""
+    if rank() == 0 and message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
+class SourceData:
+    """One source's manifest entries, chunk plan and (lazily, once per file) alignments.
+
+    With `scan` (the default), every line is checked up front (`finetune.data.scan`): unusable lines
+    raise one `DataError` listing them all, or are left out and counted with `skip_bad_files`.
+    Lines naming the same audio file twice are trained on as written, with a warning.
+    """
+
+    def __init__(self, source: Source, chunk_sec: float, frame_rate: float = 12.5,
+                 scan: ScanOptions | None = ScanOptions()):
         self.source = source
         self.name = source.spec
         self.entries: list[ManifestEntry] = [e for m in source.manifests for e in read_manifest(m)]
         if not self.entries:
             raise DataError(f"source {source.spec!r} has no manifest lines ({', '.join(map(str, source.manifests))})")
+        for group in duplicate_lines(self.entries):
+            _warn_once(f"source {self.name!r}: {describe_duplicates(group)}; every line is trained on")
+        self.skipped: list[LineProblem] = []
+        if scan is not None:
+            self._scan(scan)
         self.chunks: list[Chunk] = plan_chunks(self.entries, chunk_sec, frame_rate)
         self._words: dict[int, tuple[list[AlignedWord], list[float]]] = {}
         self.unsorted_files = 0
-        if check_files:
-            self.check_files()
 
-    def check_files(self) -> None:
-        """Fails before training if audio or alignment files are missing (a stat per file)."""
-        missing = []
-        for e in self.entries:
-            for p in (e.path, alignment_path_for(e.path)):
-                if not p.is_file():
-                    missing.append(f"{p} ({e.where})")
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    def _scan(self, opts: ScanOptions) -> None:
+        problems = scan_entries(self.entries, opts)
+        if not problems:
+            return
+        if not opts.skip_bad_files:
             raise DataError(
-                f"source {self.name!r}: {len(missing)} missing audio/alignment file(s): "
-                + "; ".join(missing[:5]) + more
-                + " (run annotate for missing .json files; python -m finetune.data.check validates a dataset)"
+                f"source {self.name!r}: {len(problems)} problem(s) in {len({p.where for p in problems})} manifest "
+                f"line(s):\n{format_problems(problems)}\n(fix or remove these lines, or set "
+                "data.skip_bad_files: true to train without them; python -m finetune.data.check lists every issue)"
             )
+        bad = {p.where for p in problems}
+        self.skipped = problems
+        self.entries = [e for e in self.entries if e.where not in bad]
+        _warn_once(f"source {self.name!r}: skipping {len(bad)} bad manifest line(s) (data.skip_bad_files):\n"
+                   f"{format_problems(problems)}")
+        if not self.entries:
+            raise DataError(f"source {self.name!r}: every manifest line is unusable:\n{format_problems(problems)}")
 
     def words(self, file: int) -> tuple[list[AlignedWord], list[float]]:
         got = self._words.get(file)
@@ -112,8 +142,14 @@ class SourceData:
         return got
 
 
-def load_sources(spec: str, key: str, chunk_sec: float, frame_rate: float = 12.5) -> list[SourceData]:
-    return [SourceData(s, chunk_sec, frame_rate) for s in parse_sources(spec, key=key)]
+def load_sources(spec: str, key: str, chunk_sec: float, frame_rate: float = 12.5,
+                 scan: ScanOptions | None = ScanOptions()) -> list[SourceData]:
+    return [SourceData(s, chunk_sec, frame_rate, scan) for s in parse_sources(spec, key=key)]
+
+
+def scan_options(args: TrainArgs) -> ScanOptions:
+    """The data scan a run's config asks for."""
+    return ScanOptions(args.data.cache_dir, args.data.duration_tolerance_sec, args.data.skip_bad_files)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -411,7 +447,7 @@ def build_train_loader(args: TrainArgs, tokenizer: TextTokenizer, store: CodesSt
                        world_size: int = 1, log_every: int = 100) -> TrainLoader:
     """The training iterator of a run (infinite, Stateful). Raises `DataError` on unusable data."""
     fr = store.codec.frame_rate
-    sources = load_sources(args.data.train_data, "data.train_data", args.duration_sec, fr)
+    sources = load_sources(args.data.train_data, "data.train_data", args.duration_sec, fr, scan_options(args))
     stages = plan_stages(args, sources)
     builder = SampleBuilder(store, Interleaver(tokenizer, fr), args.duration_sec, args.data.aug, args.seed, rank)
     loader = TrainLoader(sources, stages, builder, args.batch_size, args.num_microbatches, args.seed, rank,
@@ -429,7 +465,7 @@ def build_eval_loader(args: TrainArgs, tokenizer: TextTokenizer, store: CodesSto
     if not args.data.eval_data.strip():
         raise DataError("data.eval_data is empty (needed by do_eval)")
     fr = store.codec.frame_rate
-    sources = load_sources(args.data.eval_data, "data.eval_data", args.eval_duration_sec, fr)
+    sources = load_sources(args.data.eval_data, "data.eval_data", args.eval_duration_sec, fr, scan_options(args))
     builder = SampleBuilder(store, Interleaver(tokenizer, fr), args.eval_duration_sec, None, args.seed, rank)
     return EvalLoader(sources, builder, args.batch_size, args.eval_batches, rank, world_size)
 

@@ -40,11 +40,13 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def read_manifest(path: str | os.PathLike, require_duration: bool = True) -> list[ManifestEntry]:
+def read_manifest(path: str | os.PathLike, require_duration: bool = True,
+                  errors: list[str] | None = None) -> list[ManifestEntry]:
     """Parses a manifest; every problem raises `ManifestError` naming `file:line`.
 
     Blank lines are allowed. `duration` must be a finite number > 0 unless
-    `require_duration` is false (annotate only needs the paths).
+    `require_duration` is false (annotate only needs the paths). With an `errors` list,
+    bad lines are appended to it and left out instead, so a checker can list them all.
     """
     manifest = Path(path).resolve()
     if not manifest.is_file():
@@ -56,29 +58,38 @@ def read_manifest(path: str | os.PathLike, require_duration: bool = True) -> lis
             line = raw.strip()
             if not line:
                 continue
-            where = f"{manifest}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            audio = obj.get("path")
-            if not isinstance(audio, str) or not audio:
-                raise ManifestError(f"{where}: missing or empty 'path'")
-            duration = obj.get("duration")
-            if duration is None and not require_duration:
-                duration = float("nan")
-            elif isinstance(duration, bool) or not isinstance(duration, (int, float)):
-                raise ManifestError(f"{where}: 'duration' must be a number of seconds, got {duration!r}")
-            elif not math.isfinite(duration) or duration <= 0:
-                raise ManifestError(f"{where}: 'duration' must be > 0, got {duration!r}")
-            p = Path(audio)
-            if not p.is_absolute():
-                p = Path(os.path.normpath(root / p))  # collapse `..` written by write_manifest
-            extra = {k: v for k, v in obj.items() if k not in ("path", "duration")}
-            entries.append(ManifestEntry(p, float(duration), manifest, lineno, extra))
+                entries.append(_parse_line(line, manifest, lineno, root, require_duration))
+            except ManifestError as e:
+                if errors is None:
+                    raise
+                errors.append(str(e))
     return entries
+
+
+def _parse_line(line: str, manifest: Path, lineno: int, root: Path, require_duration: bool) -> ManifestEntry:
+    where = f"{manifest}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    audio = obj.get("path")
+    if not isinstance(audio, str) or not audio:
+        raise ManifestError(f"{where}: missing or empty 'path'")
+    duration = obj.get("duration")
+    if duration is None and not require_duration:
+        duration = float("nan")
+    elif isinstance(duration, bool) or not isinstance(duration, (int, float)):
+        raise ManifestError(f"{where}: 'duration' must be a number of seconds, got {duration!r}")
+    elif not math.isfinite(duration) or duration <= 0:
+        raise ManifestError(f"{where}: 'duration' must be > 0, got {duration!r}")
+    p = Path(audio)
+    if not p.is_absolute():
+        p = Path(os.path.normpath(root / p))  # collapse `..` written by write_manifest
+    extra = {k: v for k, v in obj.items() if k not in ("path", "duration")}
+    return ManifestEntry(p, float(duration), manifest, lineno, extra)
 
 
 def manifest_line(path: str | os.PathLike, duration: float, relative_to: Path | None = None, **extra) -> str:

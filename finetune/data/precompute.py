@@ -12,6 +12,7 @@ the cache are skipped, so an interrupted run just starts again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,9 +20,11 @@ from typing import Sequence
 
 import torch
 
-from finetune.args import TrainArgs
+from finetune.args import ConfigError, TrainArgs
+from finetune.cli import run_main
+from finetune.data.audio import AudioReadError
 from finetune.data.codes_cache import AudioCodec, CodesStore
-from finetune.data.dataset import all_entries, load_sources
+from finetune.data.dataset import DataError, all_entries, load_sources, scan_options
 from finetune.data.manifest import ManifestEntry
 from finetune.logging_utils import get_logger, setup_logging
 
@@ -29,10 +32,12 @@ logger = get_logger(__name__)
 
 
 def precompute(entries: Sequence[ManifestEntry], store: CodesStore, rank: int = 0, world_size: int = 1,
-               progress: bool = True) -> dict[str, float]:
+               progress: bool = True) -> dict[str, Any]:
     """Encodes this rank's share (`entries[rank::world_size]`) of the files not yet cached.
 
-    Returns counts: files (this rank's), cached_before, encoded, audio_sec, seconds.
+    A file that fails to decode does not stop the others: its group is retried file by file.
+    Returns counts: files (this rank's), cached_before, encoded, audio_sec, seconds, and
+    `failed`, the `manifest:line: why` of each file that could not be encoded.
     """
     from tqdm import tqdm
 
@@ -48,11 +53,20 @@ def precompute(entries: Sequence[ManifestEntry], store: CodesStore, rank: int = 
     budget = store.codec.batch_samples / store.codec.sample_rate / 2  # both channels share the batch
     group: list[ManifestEntry] = []
 
+    failed: list[str] = []
+
     def flush() -> None:
         nonlocal done_sec
         if not group:
             return
-        store.get_many(group)
+        try:
+            store.get_many(group)
+        except AudioReadError:
+            for e in group:
+                try:
+                    store.get(e)
+                except AudioReadError as err:
+                    failed.append(f"{e.where}: {err}")
         done_sec += sum(e.duration for e in group)
         rate = done_sec / max(1e-9, time.perf_counter() - t0)
         bar.set_postfix_str(f"{rate:.0f} audio-s/s, {done_sec / 3600:.2f}/{total_sec / 3600:.2f} h")
@@ -67,8 +81,8 @@ def precompute(entries: Sequence[ManifestEntry], store: CodesStore, rank: int = 
     bar.close()
     # keep memory flat for the next stage of a long job: the codes are on disk now
     store.clear_memory()
-    return {"files": len(mine), "cached_before": len(mine) - len(todo), "encoded": len(todo),
-            "audio_sec": done_sec, "seconds": time.perf_counter() - t0}
+    return {"files": len(mine), "cached_before": len(mine) - len(todo), "encoded": len(todo) - len(failed),
+            "audio_sec": done_sec, "seconds": time.perf_counter() - t0, "failed": failed}
 
 
 def _device(name: str) -> torch.device:
@@ -79,11 +93,15 @@ def _device(name: str) -> torch.device:
 
 
 def main(config: str, device: str = "auto", eval: bool = True) -> None:
-    """Precomputes the codes of a config's data into `data.cache_dir`."""
+    """Precomputes the codes of a config's data into `data.cache_dir`.
+
+    Files the data scan finds unusable (missing, unreadable, not stereo, ...) are left out; the good
+    ones are cached, then the bad ones are reported in one `DataError`.
+    """
     setup_logging()
     args = TrainArgs.load(config)
     if args.data.cache_dir is None:
-        raise SystemExit(f"{config}: data.cache_dir is not set; set it to the folder for the codes cache")
+        raise ConfigError(["data.cache_dir is not set; set it to the folder for the codes cache"], source=config)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = _device(device)
     if world > 1:
@@ -101,9 +119,10 @@ def main(config: str, device: str = "auto", eval: bool = True) -> None:
     mimi.eval()
     store = CodesStore(AudioCodec(mimi, device=dev), args.data.cache_dir)
     fr = store.codec.frame_rate
-    sources = load_sources(args.data.train_data, "data.train_data", args.duration_sec, fr)
+    scan = dataclasses.replace(scan_options(args), skip_bad_files=True)
+    sources = load_sources(args.data.train_data, "data.train_data", args.duration_sec, fr, scan)
     if eval and args.data.eval_data.strip():
-        sources += load_sources(args.data.eval_data, "data.eval_data", args.eval_duration_sec, fr)
+        sources += load_sources(args.data.eval_data, "data.eval_data", args.eval_duration_sec, fr, scan)
     entries = all_entries(sources)
     logger.info("rank %d/%d: %d files in total, cache %s, device %s", rank, world, len(entries),
                 store.entry_dir, dev)
@@ -115,10 +134,16 @@ def main(config: str, device: str = "auto", eval: bool = True) -> None:
 
         dist.barrier()
         dist.destroy_process_group()
+    bad = sorted({str(p) for s in sources for p in s.skipped} | set(res["failed"]))
+    if bad:
+        raise DataError(f"{len(bad)} manifest line(s) could not be cached (the others were):\n"
+                        + "\n".join(f"  - {b}" for b in bad))
 
 
 if __name__ == "__main__":
+    import sys
+
     import fire
 
     logging.captureWarnings(True)
-    fire.Fire(main)
+    sys.exit(run_main(lambda: fire.Fire(main)))

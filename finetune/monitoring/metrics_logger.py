@@ -19,6 +19,25 @@ from moshi.utils.atomic import atomic_write_text
 logger = logging.getLogger(__name__)
 
 
+class MetricsFileError(ValueError):
+    """A metrics file has a damaged line other than a torn last one; the message names `file:line`."""
+
+
+def append_line(path: Path, line: str) -> None:
+    """Appends `line` + newline with a single `write` on an `O_APPEND` descriptor.
+
+    One system call per record: a kill can stop between records, not inside Python's buffering.
+    """
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # a full disk can accept part of a write
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+    finally:
+        os.close(fd)
+
+
 class MetricsLogger:
     """Writes one record per `log` call to every enabled sink; does nothing on ranks other than 0.
 
@@ -60,11 +79,30 @@ class MetricsLogger:
             self._wandb = _init_wandb(run_dir, wandb_project, wandb_run_name, wandb_offline, wandb_api_key, config)
 
     def truncate_after(self, step: int) -> None:
-        """Drops records with ``step`` > `step` (a resumed run rewrites what the killed run logged later)."""
+        """Drops records with ``step`` > `step` (a resumed run rewrites what the killed run logged later).
+
+        A kill or a full disk can leave a torn last line; it is dropped with a warning naming the file.
+        Any other line that is not a JSON record means the file was edited by hand: an error naming it.
+        """
         if not self.is_main or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if i == len(lines):
+                    logger.warning("%s:%d: dropping a partly written last record (%s)", self.path, i, e)
+                    continue
+                raise MetricsFileError(f"{self.path}:{i}: not a metrics record ({e}); remove or fix the line") \
+                    from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -74,15 +112,26 @@ class MetricsLogger:
         record["step"] = step
         record["at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        append_line(self.path, json.dumps(record))
         scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"{self.tag}.{k}", v, global_step=step)
         if self._wandb is not None:
             self._wandb.log({f"{self.tag}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def flush(self) -> None:
+        """Makes every logged record durable (called with each checkpoint, so both agree after a crash)."""
+        if not self.is_main:
+            return
+        if self.path.exists():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

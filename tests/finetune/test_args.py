@@ -193,4 +193,7 @@ def test_resume_fingerprint_lists_existing_keys(tmp_path, manifest):
     a = load_text(tmp_path, UPSTREAM_EXAMPLE.format(train=manifest, run=tmp_path / "run"))
     fp = a.resume_fingerprint()
     assert fp["lora.rank"] == 128 and fp["duration_sec"] == 100.0 and fp["max_steps"] == 2000
-    assert set(fp) == set(TrainArgs.config_hash_fields())
+    # every key but the harmless ones (logging, eval, checkpoint frequencies, ...) is fingerprinted
+    assert not any(k == s or k.startswith(s + ".") for k in fp for s in TrainArgs.resume_safe_keys())
+    assert {"text_padding_weight", "first_codebook_weight_multiplier", "max_norm", "data.aug.noise_prob",
+            "optim.lr", "moshi_paths.hf_repo_id"} <= set(fp)
