@@ -47,8 +47,8 @@ from finetune.data.alignments import (
 )
 from finetune.data.audio import DB_FLOOR, AudioReadError, read_audio
 from finetune.data.manifest import ManifestEntry, ManifestError, read_manifest
-from moshi.utils.atomic import atomic_write_json
 from finetune.data.scan import describe_duplicates, duplicate_lines
+from moshi.utils.atomic import atomic_write_json
 
 MODEL_SAMPLE_RATE = 24000
 

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
