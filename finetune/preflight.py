@@ -21,6 +21,7 @@ from finetune.checkpointing import check_resume_compatible, latest_resumable
 from finetune.data.dataset import DataError, load_sources, scan_options
 from finetune.data.manifest import ManifestError
 from finetune.data.sources import SourceError
+from finetune.model_build import resolve_checkpoint_info
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ class PreflightError(ValueError):
 
 def check_model_files(args: TrainArgs) -> tuple[Any, list[str]]:
     """(checkpoint info or None, problems) for `moshi_paths` and, for DSAA, `text_llm.hf_repo_id`."""
-    from finetune.wrapped_model import resolve_checkpoint_info
-
     problems: list[str] = []
     info = None
     try:

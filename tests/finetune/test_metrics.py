@@ -84,7 +84,7 @@ class _SlowData:
 SLOW = 1.0  # seconds added by each evaluation and each checkpoint; a tiny step takes a few ms
 
 
-def test_step_time_excludes_eval_and_checkpoints_and_reports_the_data_wait(tmp_path: Path):
+def test_step_time_excludes_eval_and_checkpoints_and_reports_the_data_wait(tmp_path: Path, monkeypatch):
     def slow_eval():
         time.sleep(SLOW)
         return [torch.randint(0, 32, (2, 5, 6))]
@@ -98,6 +98,9 @@ def test_step_time_excludes_eval_and_checkpoints_and_reports_the_data_wait(tmp_p
     info = CheckpointInfo(moshi_weights=unused, mimi_weights=unused, tokenizer=unused,
                           lm_config=small_lm_kwargs(), raw_config=small_lm_kwargs())
     hooks = []
+    # The model files and manifests above are placeholders (the family and data are injected): skip the
+    # pre-flight file checks, which have tests of their own.
+    monkeypatch.setattr("finetune.trainer.preflight", lambda _args: info)
 
     def slow_checkpoint(point: str, step: int) -> None:
         hooks.append((point, step))
