@@ -238,8 +238,8 @@ def text_loss_memory(rows: int, dim: int, vocab: int, chunk_rows: int | None, de
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, dim, generator=g).to(device).requires_grad_()
     head = torch.nn.Linear(dim, vocab, bias=False, device=device)
-    with torch.no_grad():
-        head.weight.copy_(0.02 * torch.randn(vocab, dim, generator=g))
+    with torch.no_grad():  # in place: a temporary [V, D] copy would set the process's peak before the pass
+        head.weight.normal_(0.0, 0.02, generator=g)
     targets = torch.randint(0, vocab, (rows,), generator=g).to(device)
     weights = torch.ones(rows, device=device)
     if device.type == "cuda":
