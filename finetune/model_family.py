@@ -42,6 +42,7 @@ from moshi.modules.transformer import StreamingTransformer, StreamingTransformer
 
 logger = logging.getLogger(__name__)
 
+
 class ModelFamily(ABC):
     """The parts common to both families; subclasses give the model-specific ones.
 
