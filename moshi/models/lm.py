@@ -153,6 +153,8 @@ class ScaledEmbedding(nn.Embedding):
         norm (bool): LayerNorm (eps 1e-5) after the lookup.
         zero_idx (int): must be -1.
         low_rank (int | None): table width ``r`` followed by ``low_rank`` Linear(r → embedding_dim).
+        lr (float | None): learning rate for this table, stored as ``self.lr`` for an optimiser's parameter groups
+            (the model itself does not use it).
         demux_second_stream (bool): tokens encode a pair ``left + N·(right + 1)`` (``right = -1``: none), embedded
             as ``out1(table[left]) + out2(table[right])``.
 
@@ -169,10 +171,12 @@ class ScaledEmbedding(nn.Embedding):
         norm: bool = False,
         zero_idx: int = -1,
         low_rank: int | None = None,
+        lr: float | None = None,
         demux_second_stream: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_embeddings, low_rank or embedding_dim, *args, **kwargs)
+        self.lr = lr
         if zero_idx != -1:
             raise ValueError(f"zero_idx must be -1, got {zero_idx}")
         if demux_second_stream and norm:
@@ -487,6 +491,8 @@ class LMModel(StreamingContainer):
         dep_q: int = 8,
         card: int = 1024,
         text_card: int = 32000,
+        text_card_out: int | None = None,
+        demux_second_text_stream: bool = False,
         dim: int = 128,
         num_heads: int = 8,
         hidden_scale: float = 4,
@@ -513,8 +519,6 @@ class LMModel(StreamingContainer):
         device: Device = None,
         dtype: torch.dtype | None = None,
         gradient_checkpointing: bool = False,
-        text_card_out: int | None = None,
-        demux_second_text_stream: bool = False,
         text_path: TextPath | None = None,
         **kwargs: Any,
     ) -> None:

@@ -390,6 +390,46 @@ def _load_lora(model: nn.Module, lora_weights: Path, device: torch.device | str,
         logger.warning("%s: %d LoRA layers had no weights and start as no-ops", lora_weights, untouched)
 
 
+def get_lora_moshi(
+    model: LMModel,
+    lora_weights: str | Path | None,
+    lora_rank: int,
+    lora_scaling: float,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    fuse_lora: bool = True,
+) -> LMModel:
+    """Turns every Linear of ``model`` into a LoRA layer and, given a LoRA file, loads it.
+
+    Without ``lora_weights`` the new factors are created on ``device`` in each Linear's dtype with PyTorch's
+    default init (``lora_B`` is not zero: call :func:`~moshi.modules.lora.init_lora_for_training` before
+    fine-tuning) and stay separate, so ``dtype`` and ``fuse_lora`` are unused. With a file, the factors are read
+    from it (floats cast to ``dtype``), the model is moved to ``device``/``dtype`` and, with ``fuse_lora``, the
+    factors are folded back into plain Linears.
+
+    Args:
+        model (LMModel): the base model; modified in place and returned.
+        lora_weights (str | Path | None): LoRA-only local safetensors file.
+        lora_rank (int), lora_scaling (float): rank and output scale of the LoRA factors.
+        dtype, device: of the loaded model.
+        fuse_lora (bool): fold the loaded factors into the base weights.
+
+    Raises:
+        ValueError: the file is not a ``.safetensors`` file.
+        RuntimeError: the file has keys the model does not.
+    """
+    if lora_weights is None:
+        replace_all_linear_with_lora(model, lora_rank, lora_scaling, device=device)
+        return model
+    lora_path = Path(lora_weights)
+    replace_all_linear_with_lora(model, lora_rank, lora_scaling, device="meta", dtype=dtype)
+    _load_lora(model, lora_path, device, dtype)
+    model.to(device=device, dtype=dtype)
+    if fuse_lora:
+        replace_lora_with_linear(model)
+    return model
+
+
 def get_moshi_lm(
     filename: str | Path | None,
     lm_kwargs: dict[str, Any] | None = None,
@@ -408,7 +448,7 @@ def get_moshi_lm(
             ``lora_scaling``, ``demux_second_stream`` and ``depformer_causal`` (dropped).
         device, dtype: of the model; floating weights are cast to ``dtype``.
         lora_weights (str | Path | None): LoRA-only safetensors file; needs ``"lora": true`` in the config.
-        fuse_lora (bool): fold LoRA factors into plain Linears after loading.
+        fuse_lora (bool): fold the LoRA factors read from ``lora_weights`` into plain Linears.
         lm_kwargs_overrides (dict | None): merged over ``lm_kwargs``.
 
     Raises:
@@ -430,14 +470,7 @@ def get_moshi_lm(
         check_state_dict_keys(path, result.missing_keys, result.unexpected_keys)
     if lora:
         lora_path = None if lora_weights is None else hf_get(lora_weights)
-        replace_all_linear_with_lora(
-            model, lora_rank, lora_scaling, device="meta" if lora_path is not None else device, dtype=dtype
-        )
-        if lora_path is not None:
-            _load_lora(model, lora_path, device, dtype)
-        model.to(device=device, dtype=dtype)
-        if fuse_lora:
-            replace_lora_with_linear(model)
+        model = get_lora_moshi(model, lora_path, lora_rank, lora_scaling, dtype=dtype, device=device, fuse_lora=fuse_lora)
     return model.eval()
 
 

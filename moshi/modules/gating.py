@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,8 @@ class ActivationGating(nn.Module):
         dim (int): model width.
         dim_feedforward (int): nominal FFN width (see :func:`gating_hidden_size`).
         activation (Callable): activation applied to the first half.
+        quantized (bool): int8 weights; not supported, only ``False`` is accepted.
+        **factory_kwargs: ``device`` and ``dtype`` of the two Linears.
     """
 
     def __init__(
@@ -56,15 +59,17 @@ class ActivationGating(nn.Module):
         dim: int,
         dim_feedforward: int,
         activation: Callable[[torch.Tensor], torch.Tensor],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        quantized: bool = False,
+        **factory_kwargs: Any,
     ) -> None:
         super().__init__()
+        if quantized:
+            raise NotImplementedError("ActivationGating(quantized=True): int8 quantisation is not supported")
         hidden = gating_hidden_size(dim, dim_feedforward)
         self.hidden = hidden
         self.activation = activation
-        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
-        self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, **factory_kwargs)
+        self.linear_out = nn.Linear(hidden, dim, bias=False, **factory_kwargs)
         n_params = sum(p.numel() for p in self.parameters())
         if n_params > 2 * dim * dim_feedforward:
             raise ValueError(

@@ -107,21 +107,26 @@ def apply_rope(
     offset: torch.Tensor | int,
     max_period: float = 10_000.0,
     interleave: bool = True,
+    time_before_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates queries and keys by their absolute positions.
 
     Args:
-        q (torch.Tensor): queries ``[B, H, T, D]``.
-        k (torch.Tensor): keys ``[B, Hkv, T, D]``.
+        q (torch.Tensor): queries ``[B, H, T, D]`` (``[B, T, H, D]`` with ``time_before_heads``).
+        k (torch.Tensor): keys ``[B, Hkv, T, D]`` (``[B, T, Hkv, D]`` with ``time_before_heads``).
         offset (torch.Tensor | int): position of the first time step, a python int or an int64 ``[B]`` tensor
             (per-item streaming offsets).
         max_period (float): period of the slowest frequency.
         interleave (bool): pairs are ``(x[2i], x[2i+1])`` when true (Kyutai's ``rope``), ``(x[i], x[i+D/2])``
             otherwise (``rope_concat``).
+        time_before_heads (bool): the time axis is axis 1 instead of axis 2.
 
     Returns:
-        The rotated ``(q, k)`` in their input dtypes.
+        The rotated ``(q, k)`` in their input dtypes and layout.
     """
+    if time_before_heads:
+        theta = rope_angles(q.shape[1], offset, q.shape[-1], max_period, q.device)
+        return rotate_time_major(q, theta, interleave), rotate_time_major(k, theta, interleave)
     theta = rope_angles(q.shape[2], offset, q.shape[-1], max_period, q.device)
     rq = rotate_time_major(q.transpose(1, 2), theta, interleave).transpose(1, 2)
     rk = rotate_time_major(k.transpose(1, 2), theta, interleave).transpose(1, 2)
@@ -132,19 +137,19 @@ class RotaryEmbedding(nn.Module):
     """Parameter-free rotary embedding shared by all layers of a transformer (no state-dict keys).
 
     Args:
-        max_period (float): period of the slowest frequency.
         interleave (bool): see :func:`apply_rope`.
+        max_period (float): period of the slowest frequency.
     """
 
-    def __init__(self, max_period: float = 10_000.0, interleave: bool = True) -> None:
+    def __init__(self, interleave: bool = True, max_period: float = 10_000.0) -> None:
         super().__init__()
         self.max_period = max_period
         self.interleave = interleave
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor | int
+        self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor | int, time_before_heads: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rope(q, k, offset, self.max_period, self.interleave)
+        return apply_rope(q, k, offset, self.max_period, self.interleave, time_before_heads)
 
     def rotate(self, x: torch.Tensor, offset: torch.Tensor | int) -> torch.Tensor:
         """Rotates time-major ``x [B, T, ..., D]`` (e.g. queries and keys stacked as ``[B, T, 2, H, D]``)."""

@@ -91,9 +91,9 @@ class StreamingModule(nn.Module, Generic[StateT], abc.ABC):
     def is_streaming(self) -> bool:
         return self._streaming_state is not None
 
-    def set_streaming_detached(self, detached: bool) -> None:
+    def set_streaming_detached(self, streaming_detached: bool) -> None:
         """Detached modules are not reached by a parent's ``streaming``/``reset_streaming`` calls."""
-        self._streaming_detached = detached
+        self._streaming_detached = streaming_detached
 
     def _streaming_modules(self) -> Iterator[tuple[str, StreamingModule]]:
         """Yields ``(name, module)`` for self and every streaming descendant not behind a detached one."""
@@ -168,15 +168,16 @@ class StreamingModule(nn.Module, Generic[StateT], abc.ABC):
         """Returns the states of this module tree by module name (for saving/restoring a session)."""
         return {name: module._streaming_state for name, module in self._streaming_modules()}
 
-    def set_streaming_state(self, states: dict[str, Any]) -> None:
-        """Restores states returned by :meth:`get_streaming_state`; the module names must match exactly."""
+    def set_streaming_state(self, state: dict[str, Any]) -> None:
+        """Restores the states returned by :meth:`get_streaming_state` (one per module name); the module names
+        must match exactly."""
         modules = dict(self._streaming_modules())
-        if set(modules) != set(states):
-            missing = sorted(set(modules) - set(states))
-            extra = sorted(set(states) - set(modules))
+        if set(modules) != set(state):
+            missing = sorted(set(modules) - set(state))
+            extra = sorted(set(state) - set(modules))
             raise ValueError(f"streaming state names do not match: missing {missing}, unexpected {extra}")
         for name, module in modules.items():
-            module._streaming_state = states[name]
+            module._streaming_state = state[name]
 
 
 class StreamingContainer(StreamingModule[State]):

@@ -29,26 +29,29 @@ Device = torch.device | str | None
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with Kyutai's layout: parameter ``alpha`` of shape ``[1, 1, dim]``, eps **inside** the
-    square root, optionally computed in ``compute_dtype`` (float32 for ``rms_norm_f32``) and cast back.
+    square root, optionally computed in ``dtype`` (float32 for ``rms_norm_f32``) and cast back.
 
     Args:
         dim (int): normalised (last) dimension.
         eps (float): added to the mean square before the root.
-        compute_dtype (torch.dtype | None): dtype of the computation; ``None`` uses the input dtype.
+        dtype (torch.dtype | None): dtype of the computation (``None``: the input's) and, unless ``param_dtype``
+            is given, of ``alpha``.
+        param_dtype (torch.dtype | None): dtype of ``alpha`` when it differs from the computation's (a float32
+            norm inside a bf16 model).
     """
 
     def __init__(
         self,
         dim: int,
         eps: float = 1e-5,
-        compute_dtype: torch.dtype | None = None,
-        device: Device = None,
         dtype: torch.dtype | None = None,
+        device: Device = None,
+        param_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.eps = eps
-        self.compute_dtype = compute_dtype
-        self.alpha = nn.Parameter(torch.ones(1, 1, dim, device=device, dtype=dtype))
+        self.compute_dtype = dtype
+        self.alpha = nn.Parameter(torch.ones(1, 1, dim, device=device, dtype=param_dtype or dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_dtype = x.dtype
@@ -92,10 +95,10 @@ class _RMSNormFunction(torch.autograd.Function):
 class LayerNormF32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the parameter/input dtype, then cast back."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return F.layer_norm(input.float(), self.normalized_shape, weight, bias, self.eps).to(input.dtype)
 
 
 NORM_TYPES = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
@@ -108,9 +111,9 @@ def create_norm_fn(norm_type: str, dim: int, device: Device = None, dtype: torch
     if norm_type == "layer_norm_f32":
         return LayerNormF32(dim, eps=1e-8, device=device, dtype=dtype)
     if norm_type == "rms_norm":
-        return RMSNorm(dim, eps=1e-5, device=device, dtype=dtype)
+        return RMSNorm(dim, eps=1e-5, device=device, param_dtype=dtype)
     if norm_type == "rms_norm_f32":
-        return RMSNorm(dim, eps=1e-8, compute_dtype=torch.float32, device=device, dtype=dtype)
+        return RMSNorm(dim, eps=1e-8, dtype=torch.float32, device=device, param_dtype=dtype)
     raise ValueError(f"unknown norm {norm_type!r}; expected one of {list(NORM_TYPES)}")
 
 
@@ -274,10 +277,11 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         causal (bool): causal mask; with ``False`` no mask is used and ``context`` is ignored.
         context (int | None): keys with ``0 <= pos_q - pos_k < context`` are visible; also the KV-cache capacity.
         rope (RotaryEmbedding | None): rotary embedding applied to q and k.
+        kv_repeat (int): query heads per key/value head (grouped-query attention).
         weights_per_step (int): number of per-step weight sets (0: one set for all positions).
         weights_per_step_schedule (list[int] | None): step → weight-set map.
-        kv_repeat (int): query heads per key/value head (grouped-query attention).
-        cross_attention (bool): not supported (only used by conditioned models).
+        cross_attention (bool): not supported (only used by conditioned models); only ``False`` is accepted.
+        cache_cross_attention (bool): caching of cross-attention keys; without cross-attention it has no effect.
 
     Parameters are ``in_projs.{s}`` (Linear ``E → E + 2·kv_dim``, packed ``[q | k | v]`` with contiguous heads)
     and ``out_projs.{s}`` (Linear ``E → E``), registered ``out_projs`` first as in Kyutai's files.
@@ -290,16 +294,17 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         causal: bool = False,
         context: int | None = None,
         rope: RotaryEmbedding | None = None,
+        kv_repeat: int = 1,
         weights_per_step: int = 0,
         weights_per_step_schedule: list[int] | None = None,
-        kv_repeat: int = 1,
         cross_attention: bool = False,
+        cache_cross_attention: bool = True,
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if cross_attention:
-            raise NotImplementedError("cross_attention (conditioned models) is not supported")
+            raise NotImplementedError("cross_attention=True (conditioned models) is not supported")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if num_heads % kv_repeat:
@@ -409,8 +414,22 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         end = state.offset + T * exec_mask.long()
         return cache[0], cache[1], slot_positions(end)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, T, E]`` → ``[B, T, E]``."""
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Self-attention of ``query [B, T, E]`` → ``[B, T, E]``.
+
+        Keys and values are projected from ``query``; ``key`` and ``value`` exist for the three-argument call
+        ``attn(x, x, x)`` and must be ``None`` or ``query`` itself (attending to another source is
+        cross-attention, which is not supported).
+        """
+        for name, other in (("key", key), ("value", value)):
+            if other is not None and other is not query:
+                raise NotImplementedError(
+                    f"StreamingMultiheadAttention.forward: {name} must be None or the query tensor "
+                    "(cross-attention is not supported)"
+                )
+        x = query
         state = self._streaming_state
         B, T, E = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -465,6 +484,19 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         return out
 
 
+def set_attention_context(model: nn.Module, context: int | None = None) -> None:
+    """Sets the attention window of every :class:`StreamingMultiheadAttention` in ``model`` to ``context``
+    (``None``: unlimited), for good rather than for a scope, so a recomputed (checkpointed) forward sees the
+    same window as the first one.
+
+    Note:
+        The KV-cache capacity follows ``context``, so call this outside a streaming block.
+    """
+    for module in model.modules():
+        if isinstance(module, StreamingMultiheadAttention):
+            module.context = context
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 
@@ -491,11 +523,11 @@ class StreamingTransformerLayer(StreamingModule[_LayerState]):
         layer_scale (float | None): LayerScale init; ``None`` for none (no keys).
         gating (str): ``"none"`` for ``linear1``/``linear2`` FFN, else the activation of an
             :class:`ActivationGating` (``gating`` or ``gating.{s}`` per step).
+        kv_repeat (int): grouped-query attention factor.
         weights_per_step (int), weights_per_step_schedule (list[int] | None): per-step weight sets.
         activation (Callable | str): activation of the non-gated FFN (default exact GELU).
         skip_self_attn (bool): no attention block (no ``self_attn``/``norm1``).
-        cross_attention (bool): not supported.
-        kv_repeat (int): grouped-query attention factor.
+        cross_attention (bool): not supported; only ``False`` is accepted.
     """
 
     def __init__(
@@ -509,18 +541,18 @@ class StreamingTransformerLayer(StreamingModule[_LayerState]):
         norm: str = "layer_norm",
         layer_scale: float | None = None,
         gating: str = "none",
+        kv_repeat: int = 1,
         weights_per_step: int = 0,
         weights_per_step_schedule: list[int] | None = None,
         activation: Callable[[torch.Tensor], torch.Tensor] | str = F.gelu,
         skip_self_attn: bool = False,
         cross_attention: bool = False,
-        kv_repeat: int = 1,
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if cross_attention:
-            raise NotImplementedError("cross_attention (conditioned models) is not supported")
+            raise NotImplementedError("cross_attention=True (conditioned models) is not supported")
         if isinstance(activation, str):
             activation = get_activation(activation)
         self.weights_per_step = weights_per_step
@@ -600,7 +632,12 @@ class StreamingTransformerLayer(StreamingModule[_LayerState]):
             return apply_per_step_linear([g.linear_out for g in gates], h, offset_cpu, schedule)
         return torch.cat([gates[i](x[:, t : t + 1]) for t, i in enumerate(idx)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cross_attention_src: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T, d_model]`` → same shape; ``cross_attention_src`` must be ``None`` (no cross-attention)."""
+        if cross_attention_src is not None:
+            raise NotImplementedError(
+                "StreamingTransformerLayer.forward: cross_attention_src must be None (cross-attention is not supported)"
+            )
         state = self._streaming_state
         offset_cpu = 0 if state is None else state.offset_cpu
         if not self.skip_self_attn:
@@ -642,6 +679,7 @@ class StreamingTransformer(StreamingModule[_TransformerState]):
         positional_scale (float): multiplier of the sinusoidal embedding.
         betas (tuple[float, float] | None): kept for config compatibility (optimizer betas of Kyutai's trainer).
         layer_class (type): layer class.
+        quantize (bool): int8 weights; not supported, only ``False`` is accepted.
         checkpointing (bool): non-reentrant activation checkpointing of every layer in training.
         **kwargs: passed to every layer (``norm``, ``layer_scale``, ``gating``, ``weights_per_step``, ...); an
             unknown key raises ``TypeError`` naming it.
@@ -660,12 +698,15 @@ class StreamingTransformer(StreamingModule[_TransformerState]):
         positional_scale: float = 1.0,
         betas: tuple[float, float] | None = None,
         layer_class: type[StreamingTransformerLayer] = StreamingTransformerLayer,
+        quantize: bool = False,
         checkpointing: bool = False,
         device: Device = None,
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        if quantize:
+            raise NotImplementedError("StreamingTransformer(quantize=True): int8 quantisation is not supported")
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
         if positional_embedding not in POSITIONAL_EMBEDDINGS:
@@ -680,7 +721,7 @@ class StreamingTransformer(StreamingModule[_TransformerState]):
         self.checkpointing = checkpointing
         self.rope: RotaryEmbedding | None = None
         if positional_embedding in ("rope", "sin_rope", "rope_concat"):
-            self.rope = RotaryEmbedding(max_period, interleave=positional_embedding != "rope_concat")
+            self.rope = RotaryEmbedding(interleave=positional_embedding != "rope_concat", max_period=max_period)
         self.layers = nn.ModuleList(
             [
                 layer_class(
@@ -702,16 +743,6 @@ class StreamingTransformer(StreamingModule[_TransformerState]):
         device = next(self.parameters()).device
         offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         return _TransformerState(batch_size, device, offsets=offsets)
-
-    def set_attention_context(self, context: int | None) -> None:
-        """Changes the attention window of every layer.
-
-        Note:
-            The KV-cache capacity follows ``context``, so call this outside a streaming block.
-        """
-        for layer in self.layers:
-            if not layer.skip_self_attn:
-                layer.self_attn.context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, d_model]`` → same shape, in the input dtype."""
@@ -804,4 +835,5 @@ __all__ = [
     "apply_per_step_linear",
     "create_norm_fn",
     "create_sin_embedding",
+    "set_attention_context",
 ]

@@ -15,6 +15,23 @@ def multinomial_exponential(probs: torch.Tensor, generator: torch.Generator | No
     return torch.argmax(probs / noise, dim=-1, keepdim=True)
 
 
+def multinomial(
+    input: torch.Tensor, num_samples: int, replacement: bool = False, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``torch.multinomial`` over the last axis of ``input [..., V]`` (probabilities, any number of leading
+    axes) → int64 indices ``[..., num_samples]``.
+
+    A single draw without replacement goes through :func:`multinomial_exponential`, which needs no host sync
+    (``torch.multinomial`` synchronises with the device); other cases use ``torch.multinomial`` row by row.
+    """
+    rows = input.reshape(-1, input.shape[-1])
+    if replacement or num_samples != 1:
+        out = torch.multinomial(rows, num_samples=num_samples, replacement=replacement, generator=generator)
+    else:
+        out = multinomial_exponential(rows, generator=generator)
+    return out.reshape(*input.shape[:-1], out.shape[-1])
+
+
 def sample_top_k(probs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Samples among the ``k`` most likely entries of ``probs [..., V]`` → ``[..., 1]``."""
     k = min(k, probs.shape[-1])

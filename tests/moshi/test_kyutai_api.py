@@ -403,32 +403,6 @@ KYUTAI_API: dict[str, list[tuple[str, str | None]]] = {
     ],
 }
 
-# Names whose signature here still differs from Kyutai's; all live in modules the LM/transformer rework owns.
-# Strict: once one matches, its entry must leave this list.
-_LM_REWORK = "signature differs; owned by the LM and transformer rework"
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("moshi.models", "LMModel"): "text_card_out and demux_second_text_stream are not in Kyutai's position",
-    ("moshi.models.lm", "LMModel"): "text_card_out and demux_second_text_stream are not in Kyutai's position",
-    ("moshi.models.lm_utils", "ScaledEmbedding"): "no lr parameter",
-    ("moshi.models.loaders", "get_lora_moshi"): "missing",
-    ("moshi.modules", "StreamingTransformer"): "no quantize parameter",
-    ("moshi.modules.transformer", "StreamingTransformer"): "no quantize parameter",
-    ("moshi.modules.gating", "ActivationGating"): "quantized and factory_kwargs parameters",
-    ("moshi.modules.rope", "apply_rope"): "no time_before_heads parameter",
-    ("moshi.modules.rope", "RotaryEmbedding"): "interleave and max_period in the other order",
-    ("moshi.modules.rope", "RotaryEmbedding.forward"): "no time_before_heads parameter",
-    ("moshi.modules.streaming", "StreamingModule.set_streaming_detached"): "parameter named detached",
-    ("moshi.modules.streaming", "StreamingModule.set_streaming_state"): "parameter named states",
-    ("moshi.modules.transformer", "LayerNormF32.forward"): "parameter named x",
-    ("moshi.modules.transformer", "RMSNorm"): "compute_dtype before dtype",
-    ("moshi.modules.transformer", "set_attention_context"): "missing (a method of StreamingTransformer here)",
-    ("moshi.modules.transformer", "StreamingMultiheadAttention"): "kv_repeat position, no cache_cross_attention",
-    ("moshi.modules.transformer", "StreamingMultiheadAttention.forward"): "self-attention only: forward(x)",
-    ("moshi.modules.transformer", "StreamingTransformerLayer"): "kv_repeat position",
-    ("moshi.modules.transformer", "StreamingTransformerLayer.forward"): "no cross_attention_src parameter",
-    ("moshi.utils.sampling", "multinomial"): "missing",
-}
-
 
 def _resolve(module: str, path: str) -> Any:
     obj: Any = importlib.import_module(module)
@@ -469,14 +443,11 @@ def _signature_problems(fn: Any, kyutai: str) -> list[str]:
 
 
 def _table_params() -> list[Any]:
-    params = []
-    for module, entries in KYUTAI_API.items():
-        for path, signature in entries:
-            marks = []
-            if (module, path) in KNOWN_GAPS:
-                marks.append(pytest.mark.xfail(strict=True, reason=f"{KNOWN_GAPS[(module, path)]} ({_LM_REWORK})"))
-            params.append(pytest.param(module, path, signature, marks=marks, id=f"{module}:{path}"))
-    return params
+    return [
+        pytest.param(module, path, signature, id=f"{module}:{path}")
+        for module, entries in KYUTAI_API.items()
+        for path, signature in entries
+    ]
 
 
 @pytest.mark.parametrize("module, path, signature", _table_params())

@@ -10,7 +10,12 @@ from safetensors.torch import save_file
 
 from moshi.models import loaders
 from moshi.models.loaders import CheckpointInfo, get_moshi_lm, hf_get
-from moshi.modules.lora import LoRALinear, lora_state_dict, replace_all_linear_with_lora
+from moshi.modules.lora import (
+    LoRALinear,
+    init_lora_for_training,
+    lora_state_dict,
+    replace_all_linear_with_lora,
+)
 from tests.helpers.configs import small_lm_kwargs
 from tests.helpers.models import filled_small_lm, fixture_codes
 
@@ -196,3 +201,37 @@ def test_invalid_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"config\.json: invalid JSON at line 1"):
         CheckpointInfo.from_hf_repo(str(tmp_path))
+
+
+def test_get_lora_moshi_loads_a_lora_file_fused_or_not(tmp_path):
+    base_path, lora_path, lora_model = _lora_files(tmp_path)
+    reference = _logits(lora_model)
+    unfused = loaders.get_lora_moshi(
+        get_moshi_lm(base_path, lm_kwargs=small_lm_kwargs(), dtype=torch.float32), str(lora_path), 4, 2.0,
+        dtype=torch.float32, fuse_lora=False,
+    )
+    assert isinstance(unfused.text_linear, LoRALinear)
+    assert torch.equal(_logits(unfused), reference)  # the same LoRA modules and weights as saved
+    fused = loaders.get_lora_moshi(
+        get_moshi_lm(base_path, lm_kwargs=small_lm_kwargs(), dtype=torch.float32), lora_path, 4, 2.0,
+        dtype=torch.float32,
+    )
+    assert not any(isinstance(m, LoRALinear) for m in fused.modules())
+    torch.testing.assert_close(_logits(fused), reference, atol=2e-4, rtol=1e-4)
+
+
+def test_get_lora_moshi_without_a_file_adds_unfused_factors(tmp_path):
+    base_path, _, _ = _lora_files(tmp_path)
+    base = get_moshi_lm(base_path, lm_kwargs=small_lm_kwargs(), dtype=torch.float32)
+    reference = _logits(base)
+    model = loaders.get_lora_moshi(base, None, 4, 2.0)  # dtype (bf16 by default) applies to loaded files only
+    assert isinstance(model.text_linear, LoRALinear) and model.text_linear.lora_A.weight.shape == (4, 64)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    init_lora_for_training(model)
+    assert torch.equal(_logits(model), reference)  # B = 0: every LoRA layer adds exact zeros
+
+
+def test_get_lora_moshi_refuses_a_file_that_is_not_safetensors(tmp_path):
+    base = filled_small_lm()
+    with pytest.raises(ValueError, match=r"\.safetensors file, got .*lora\.pt"):
+        loaders.get_lora_moshi(base, tmp_path / "lora.pt", 4, 2.0)

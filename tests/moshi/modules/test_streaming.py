@@ -39,7 +39,7 @@ class _Tree(StreamingContainer):
         self.a = _Counter()
         self.inner = nn.Sequential(_Counter())
         self.detached = _Counter()
-        self.detached.set_streaming_detached(True)
+        self.detached.set_streaming_detached(streaming_detached=True)
 
 
 def test_streaming_context_reaches_nested_children_and_skips_detached():
@@ -112,7 +112,7 @@ def test_get_and_set_streaming_state_restore_a_session():
         saved = tree.get_streaming_state()
         assert set(saved) == {"", "a", "inner.0"}
     with tree.streaming(1):
-        tree.set_streaming_state(saved)
+        tree.set_streaming_state(state=saved)  # the parameter name of Kyutai's package
         assert tree.a._streaming_state.count.tolist() == [2]
         with pytest.raises(ValueError, match="unexpected"):
             tree.set_streaming_state({**saved, "other": None})

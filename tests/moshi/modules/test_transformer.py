@@ -141,7 +141,7 @@ def test_interleaved_rope_equals_the_real_pair_formula_on_strided_inputs():
 def test_rotate_packed_qkv_equals_autograd_of_slice_rotate_unbind(dtype, used):
     from moshi.modules.rope import RotaryEmbedding, rope_angles, rotate_time_major
 
-    rope = RotaryEmbedding(10_000.0)
+    rope = RotaryEmbedding(max_period=10_000.0)
     packed = torch.randn(2, 5, 3, 4, 8).to(dtype).requires_grad_()
     offset = torch.tensor([3, 9])
     q, k, v = rope.rotate_packed_qkv(packed, offset)
@@ -179,7 +179,7 @@ def test_rope_concat_pairs_halves():
 def test_rope_time_major_rotation_equals_the_head_major_one_and_its_gradient_rotates_back(interleave):
     from moshi.modules.rope import RotaryEmbedding
 
-    rope = RotaryEmbedding(10_000.0, interleave=interleave)
+    rope = RotaryEmbedding(interleave, max_period=10_000.0)
     x = torch.randn(2, 5, 2, 3, 8, requires_grad=True)  # [B, T, q|k, H, D]
     offset = torch.tensor([4, 9])
     out = rope.rotate(x, offset)
@@ -432,7 +432,7 @@ def test_kv_repeat_with_rope_equals_repeated_kv_heads():
     from moshi.modules.rope import RotaryEmbedding
 
     torch.manual_seed(3)
-    rope = RotaryEmbedding(10_000.0)
+    rope = RotaryEmbedding(max_period=10_000.0)
     gqa = StreamingMultiheadAttention(8, 4, causal=True, kv_repeat=2, rope=rope)
     full = StreamingMultiheadAttention(8, 4, causal=True, rope=rope)
     w = gqa.in_projs[0].weight.detach()
