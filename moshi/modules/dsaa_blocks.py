@@ -65,7 +65,7 @@ class TextPreservingProjector(nn.Module):
         self.reset_output_layer()
 
     def reset_output_layer(self) -> None:
-        """Initialises the output layer with weight ~ N(0, 0.01) and bias 0, so the correction starts near zero."""
+        """Output layer: weight ~ N(0, 0.01), bias 0, so the correction starts near zero."""
         nn.init.normal_(self.fusion[4].weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.fusion[4].bias)
 
