@@ -1,4 +1,4 @@
-"""Causal 1-D convolutions that stream: chunked calls compute what one call on the whole signal computes.
+"""Causal 1-D convolutions that stream: chunked calls do the math of one call on the whole signal.
 
 Both layers have one code path: outside a streaming block they start from the initial (zero or replicated)
 left context, so a one-shot call is exactly the first streaming call on the whole input.
