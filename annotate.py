@@ -66,7 +66,7 @@ class AnnotateConfig:
     best_of: int = 5  # <= 1: one sample per non-zero temperature
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
     vad: str = "auditok"  # or "none"
-    vad_min_duration: float = 10.0  # the VAD only runs on longer files (as upstream)
+    vad_min_duration: float = 10.0  # the VAD only runs on longer files
     keep_silence_in_segments: float = 1.0
     max_tokens: int | None = None  # Whisper's sample_len; None: its default
     both_channels: bool = False
@@ -524,7 +524,7 @@ def run_slurm(manifest: str, cfg: AnnotateConfig, num_shards: int, log_folder: s
 
 
 def _both(name: str) -> list[str]:
-    """`--a_b` and `--a-b` for one option (upstream spelled options with underscores)."""
+    """`--a_b` and `--a-b` for one option: the underscore spelling keeps older command lines working."""
     spellings = [f"--{name}", f"--{name.replace('_', '-')}"]
     return list(dict.fromkeys(spellings))
 

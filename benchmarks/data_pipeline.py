@@ -9,7 +9,7 @@ Cases (tiny Mimi by default, synthetic stereo files, CPU):
   warm_disk      a new run on the filled cache (codes read from disk, no Mimi)
   warm_memory    steady state (codes already in memory: the cost of every later epoch)
   no_cache       `cache_dir: null`, first pass (whole-file encodes kept in memory only)
-  per_chunk      each chunk read and encoded alone, as upstream did (the wave-augmentation path)
+  per_chunk      each chunk read and encoded alone (the path wave augmentation takes)
 Then one forward+backward step of the small test LM on a batch of the same shape, and the
 ratio of each case to it (target: warm cache < 2% of a step). Each case prints one human
 line and one JSON line.

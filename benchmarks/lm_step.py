@@ -3,12 +3,13 @@
 Usage:
     python benchmarks/lm_step.py                       # tiny and mid configs on CPU, float32, 2 threads
     python benchmarks/lm_step.py --config mid --iters 5
-    python benchmarks/lm_step.py --loss logits         # full logits + plain CE (upstream's loss) instead
+    python benchmarks/lm_step.py --loss logits         # full logits + plain CE (moshi-finetune's)
     python benchmarks/lm_step.py --device cuda         # adds the moshiko-7B shape (random weights, bf16)
 
 ``--loss trainer`` (default) is the step ``train.py`` runs: ``MoshiLoss``, whose text head is fused into a
 chunked cross-entropy (``LMModel.forward_train``); ``--loss logits`` is ``model(codes)`` then masked CE on the
-full logits, as upstream's trainer does. ``benchmarks/lm_vs_kyutai.py`` times both against Kyutai's package.
+full logits, as moshi-finetune's trainer does. ``benchmarks/lm_vs_kyutai.py`` times both against Kyutai's
+package.
 
 Prints one human line and one JSON line per config. Each config runs in its own subprocess so that the CPU peak
 memory (max RSS) is per config. Timings on a shared machine are noisy: compare medians of several runs.

@@ -1,6 +1,6 @@
 """Training configuration: the YAML file, as nested dataclasses, validated once.
 
-Upstream's keys and defaults are kept (an existing `moshi_7B.yaml` loads unchanged), plus
+Keys and defaults are moshi-finetune's (an existing `moshi_7B.yaml` loads unchanged), plus
 the trainer's resume/compile/cache keys and the DSAA keys. Loading is
 our own small decoder, so that every problem (unknown key, bad type, illegal combination)
 is collected with its dotted key and raised once, before anything touches the disk.
@@ -11,7 +11,7 @@ becomes `100.0`.
 
 * an int (or a one-element list): one stage of that many optimizer steps, drawing each
   sample from the `data.train_data` sources with probability proportional to their
-  `path:weight` weights (upstream's mixing);
+  `path:weight` weights;
 * a list of N > 1 ints: N stages run in order, stage i training on source i of
   `data.train_data` only (weights ignored); N must equal the number of sources. With
   `data.merge_group`, the named sources form one merged **first** stage whose length is
@@ -91,7 +91,7 @@ class OptimArgs:
     `lr`/`weight_decay` apply to plain Moshi; DSAA uses the `proj_*` group (text and
     depformer projectors) and the `finetune_*` group (heads, depformer) instead.
 
-    `cycle_momentum` (default true, as upstream): OneCycleLR also cycles AdamW's beta1,
+    `cycle_momentum` (default true): OneCycleLR also cycles AdamW's beta1,
     0.95 at the start, down to 0.85 at the end of warm-up and back to 0.95 at the end, so
     the beta1 of 0.9 the optimizer is built with is never used. Set false to keep beta1
     fixed at 0.9.
@@ -211,7 +211,7 @@ class DataArgs:
 
 @dataclass
 class TextLLMArgs(TextLLMSpec):
-    """`text_llm:` the Hugging Face LLM of a DSAA model (`design/dsaa.md`, "Config").
+    """`text_llm:` the Hugging Face LLM of a DSAA model (see `docs/dsaa.md`).
 
     The LLM keys live in `moshi.models.dsaa_config.TextLLMSpec` (the loaders use them too);
     this section adds the switch that turns DSAA on.
@@ -224,7 +224,7 @@ class TextLLMArgs(TextLLMSpec):
 class TrainArgs:
     """Top level of the YAML file. `data` and `run_dir` are required.
 
-    Trainer keys beyond upstream: `resume` (continue a killed run from its last
+    Trainer keys beyond moshi-finetune's: `resume` (continue a killed run from its last
     resumable checkpoint in `run_dir`), `compile` (torch.compile where it pays),
     `tensorboard`, `eval_duration_sec`/`eval_batches` (eval chunk length and the number
     of eval batches over all ranks), `audio_loss_skip_every`, `only_text` (DSAA).

@@ -1,7 +1,7 @@
 """Checkpoints: Kyutai-compatible exports plus a resumable training state.
 
-Layout of one checkpoint (the `consolidated/` part is upstream's, loadable by `moshi.models.loaders`
-and `moshi.server`; `resume/` is ours)::
+Layout of one checkpoint (`consolidated/` is the export that `moshi.models.loaders` and
+`moshi.server` load; `resume/` is the training state a `resume: true` run reads)::
 
     run_dir/checkpoints/checkpoint_000500/
         consolidated/
@@ -16,7 +16,7 @@ and `moshi.server`; `resume/` is ours)::
 Write protocol: everything goes to `checkpoints/.checkpoint_000500.tmp/`, then rank 0 renames it to
 `checkpoint_000500` in one `os.replace`. A kill or a full disk at any point leaves the previous
 checkpoints untouched; a stale `.tmp` folder is ignored and removed by the next save. Retention keeps
-the `num_ckpt_keep` highest step numbers (upstream sorted by ctime).
+the `num_ckpt_keep` highest step numbers (not file times, which copies and restores change).
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def latest_resumable(run_dir: str | Path) -> Path | None:
 def export_config(base_config: Mapping[str, Any], lora: bool, lora_rank: int, lora_scaling: float) -> dict[str, Any]:
     """`config.json` of an export: the base model's raw config with `lora`, `lora_rank`, `lora_scaling` set.
 
-    Merged and full exports say `"lora": false` (upstream wrote true for merged LoRA exports, which makes
-    moshi wrap the merged weights in fresh, randomly initialised LoRA layers).
+    Merged and full exports say `"lora": false`: with true, `moshi` would wrap the merged weights in
+    fresh, randomly initialised LoRA layers.
     """
     cfg = dict(base_config)
     cfg["lora"] = bool(lora)

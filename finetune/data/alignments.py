@@ -1,6 +1,6 @@
 """Word alignments: the `.json` beside each audio file.
 
-Format (upstream's): `{"alignments": [[word, [start_s, end_s], speaker], ...]}`, times in
+Format (as in moshi-finetune): `{"alignments": [[word, [start_s, end_s], speaker], ...]}`, times in
 seconds from the file start; `SPEAKER_MAIN` marks the model's channel (left). Files are
 validated and sorted once, when loaded, so chunking can binary-search them.
 """
@@ -107,7 +107,7 @@ def load_alignments(
 def write_alignments(
     path: str | os.PathLike, words: Sequence[AlignedWord], extra: dict[str, Any] | None = None
 ) -> None:
-    """Writes an alignment file atomically in upstream's format."""
+    """Writes an alignment file atomically, in the format above."""
     obj: dict[str, Any] = {"alignments": [w.to_json() for w in words]}
     if extra:
         obj.update(extra)

@@ -4,8 +4,8 @@ Usage:
     python -m finetune.data.check data.jsonl [--json report.json] [--duration-tolerance 0.1]
         [--silence-db -60] [--strict] [--no-audio-stats]
 
-Upstream found these problems deep inside training (a mono file fails as a bare
-assertion in the LM, a missing `.json` crashes mid-run) or never (silent skips).
+Without this scan such problems surface deep inside training (a mono file fails as a
+bare assertion in the LM, a missing `.json` crashes mid-run) or never (silent skips).
 Each file gets issues of three severities:
 
 * error (would break training or train on wrong data; exit status 1):

@@ -1,8 +1,9 @@
-"""Chunk plan: which `duration_sec` pieces each manifest line gives (reference §3.4).
+"""Chunk plan: which `duration_sec` pieces each manifest line gives (the plan `sphn`'s `dataset_jsonl` reader
+uses, so existing datasets give the same chunks).
 
 From the manifest duration D and chunk length d: offsets 0, d, 2d, ... while
 offset + d < D, then one last, possibly partial, chunk at the next offset if it is < D.
-Offsets go through float32 as in upstream (word placement depends on the exact value).
+Offsets are rounded to float32, as `sphn` stores them: word placement depends on the exact value.
 The audio of chunk k starts at frame `start_frame` of the file's codes.
 """
 
@@ -20,7 +21,7 @@ from finetune.data.manifest import ManifestEntry
 @dataclass(frozen=True)
 class Chunk:
     file: int  # index into the source's entry list
-    offset_sec: float  # float32-rounded, as upstream
+    offset_sec: float  # float32-rounded, as `sphn` stores it
     start_frame: int  # first frame of the file's codes
 
     def where(self, entries: Sequence[ManifestEntry]) -> str:

@@ -1,11 +1,11 @@
 """Mimi codes of whole files: encoded once, in batches, kept in memory and (optionally) on disk.
 
-Upstream re-encoded every chunk, every epoch, one chunk at a time, on the training GPU
-(reference §5.1, §9.2). Here each audio file is encoded **whole** (both channels as a
-batch of two mono signals, several files per Mimi call, long files in streaming
-segments) and chunks are cut in code space (chunk at offset o starts at frame 12.5*o).
-Consequence, on purpose: the first frames of a chunk were encoded with Mimi's context of
-the audio before it, as in streaming inference, instead of from silence as upstream.
+Each audio file is encoded **whole**, once (both channels as a batch of two mono
+signals, several files per Mimi call, long files in streaming segments), and chunks are
+cut in code space (chunk at offset o starts at frame 12.5*o), so no epoch pays for Mimi
+again and the training device is not stalled by one small encoder call per chunk.
+Consequence, on purpose: the first frames of a chunk are encoded with Mimi's context of
+the audio before it, as in streaming inference, not from silence.
 The cache is transparent: training with or without `data.cache_dir` gives the same codes
 (both go through `AudioCodec.encode_stereo`); without it, codes are kept in memory only.
 

@@ -8,10 +8,10 @@ alignments (loaded once per file); code augmentations run last.
 
 Ordering (one rule for every rank): an epoch of a source is a permutation of all its
 chunks (seeded by seed, source, epoch when `data.shuffle`, else file order); rank r of
-W takes positions r, r+W, ... . Upstream shuffled each manifest separately with Rust's
-RNG; we shuffle across the whole source (better mixing; the exact order never matched
-upstream's anyway). Several sources in one stage are mixed per sample with a
-generator seeded by (seed, rank, stage); a merged DSAA group is mixed per batch.
+W takes positions r, r+W, ... . The permutation spans the whole source, not each manifest,
+so chunks of different manifests mix within an epoch. Several sources in one stage are
+mixed per sample with a generator seeded by (seed, rank, stage); a merged DSAA group is
+mixed per batch.
 
 `TrainLoader` is infinite and `Stateful` (`state_dict`/`load_state_dict`: batches and
 samples produced, each sampler's epoch and position, the mixing generators), so a

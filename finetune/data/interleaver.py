@@ -1,7 +1,6 @@
 """The text row of a chunk: aligned words placed on the 12.5 Hz frame grid.
 
-Placement follows upstream exactly (reference §4.1-4.3), so existing datasets give the
-same text stream:
+Placement is the one moshi-finetune uses, so existing datasets give the same text stream:
 
 * the chunk at offset o of length d takes the `SPEAKER_MAIN` words with o <= start < o+d;
 * a word starts at frame f = floor(12.5 * (start - o)) (subtract first, then multiply, in
@@ -11,10 +10,11 @@ same text stream:
   (the rest are dropped); several words starting in one frame: the last one wins;
 * tokens past the chunk end are cut; zero-duration words are dropped.
 
-One fix (reference §4.4 and §9.3): frames after the real audio of a file's last, partial
-chunk are the zero token (-1: no input, no loss) in the text row too, not PAD.
+Frames after the real audio of a file's last, partial chunk are the zero token (-1: no
+input, no loss) in the text row as in the audio rows, so the model is not trained to
+predict PAD where there is no audio.
 
-Every lost word or token is counted by reason in `InterleaverStats` (§9.4).
+Every lost word or token is counted by reason in `InterleaverStats`.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class Interleaver:
             placed.append((math.floor(fr * s), ids))
 
         text = np.full(num_frames, self.pad_id, dtype=np.int64)
-        # Event-driven version of upstream's frame loop: a word is consumed at frame f
+        # Event-driven form of a frame-by-frame loop: a word is consumed at frame f
         # (the first t with 12.5*s < t+1); its tokens then go to f, f+1, ... until the
         # next word is consumed or the row ends.
         i, n = 0, len(placed)

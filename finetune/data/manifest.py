@@ -1,7 +1,7 @@
 """The `.jsonl` manifest of stereo conversations: one `{"path", "duration"}` object a line.
 
 Relative paths resolve against the manifest's own folder, for training and for every
-data tool alike (upstream's annotate resolved them against the current directory).
+data tool alike, so a dataset folder can be moved or used from any working directory.
 """
 
 from __future__ import annotations

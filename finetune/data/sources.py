@@ -1,10 +1,10 @@
 """Data source lists: the `data.train_data` / `data.eval_data` strings.
 
-Syntax (upstream's): comma-separated items, each `path` or `path:weight` (weight > 0,
+Syntax (as in moshi-finetune): comma-separated items, each `path` or `path:weight` (weight > 0,
 default 1); a path is a `.jsonl` manifest (`.jsonl.gz` too) or a folder, meaning every
 manifest under it, recursively, in sorted order. Weights are normalised to sum 1.
-Upstream's glob also took any name merely ending in "jsonl"; we require the `.jsonl`
-suffix. A `:` inside a path is not supported (the syntax uses it for the weight).
+Only names with the `.jsonl` suffix count as manifests. A `:` inside a path is not supported
+(the syntax uses it for the weight).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class SentencePieceTextTokenizer:
 
 
 class HFTextTokenizer:
-    """A `transformers` tokenizer in the DSAA text stream (`design/dsaa.md`, "Special tokens").
+    """A `transformers` tokenizer in the DSAA text stream (see `docs/dsaa.md`, "Special tokens").
 
     Words are stripped and encoded without special tokens. PAD/EPAD/initial ids come from
     `moshi.models.dsaa_tokens.resolve_special_tokens` (the one place those rules live).

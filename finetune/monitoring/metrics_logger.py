@@ -1,8 +1,8 @@
 """Metric sinks of rank 0: `metrics.{tag}.jsonl` (always), TensorBoard and wandb (optional).
 
-Upstream's file names and keys are kept. The wandb API key comes from `WANDB_API_KEY` (or the
-deprecated YAML key) and is handed to `wandb.login` only: it is never logged or put in the run
-config (`TrainArgs.to_dict()` drops it).
+File names and metric keys are moshi-finetune's, so existing dashboards keep working. The wandb
+API key comes from `WANDB_API_KEY` (or the deprecated YAML key) and is handed to `wandb.login`
+only: it is never logged or put in the run config (`TrainArgs.to_dict()` drops it).
 """
 
 from __future__ import annotations

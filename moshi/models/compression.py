@@ -1,6 +1,6 @@
 """Mimi, Kyutai's streaming neural audio codec: 24 kHz mono audio <-> 12.5 Hz frames of discrete codes.
 
-Pipeline (reference §6.8): SEANet encoder (25 Hz) -> encoder transformer -> learnt downsample (12.5 Hz) ->
+Pipeline: SEANet encoder (25 Hz) -> encoder transformer -> learnt downsample (12.5 Hz) ->
 split RVQ codes; and back: RVQ decode -> depthwise upsample -> decoder transformer -> SEANet decoder.
 
 Module and tensor names match Kyutai's so the published weights (``tokenizer-e351c8d8-checkpoint125.safetensors``)
@@ -32,7 +32,7 @@ from ..modules.streaming import StreamingContainer
 from ..modules.transformer import ProjectedTransformer
 from ..quantization import BaseQuantizer, QuantizedResult, SplitResidualVectorQuantizer
 
-# Kyutai's Mimi configuration (reference §6.1).
+# Kyutai's Mimi configuration: the shapes of its published weights.
 DEFAULT_MIMI_CONFIG: dict[str, Any] = {
     "sample_rate": 24000,
     "channels": 1,

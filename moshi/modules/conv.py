@@ -1,4 +1,4 @@
-"""Causal 1-D convolutions that stream: chunked calls give the same output as one call on the whole signal.
+"""Causal 1-D convolutions that stream: chunked calls do the math of one call on the whole signal.
 
 Both layers have one code path: outside a streaming block they start from the initial (zero or replicated)
 left context, so a one-shot call is exactly the first streaming call on the whole input.
@@ -150,8 +150,9 @@ def with_context(context: torch.Tensor, x: torch.Tensor, activation: nn.Module |
     this saves a full pass over each activation, about 5% of a one-shot call. Only when ``x`` has contiguous
     rows whose length is a multiple of 64: torch's vectorised ELU hands the last ``length % 32`` (AVX-512)
     samples of each row to a scalar ``expm1`` that rounds differently, and the rows of the concatenation are
-    shorter than the flat tensor an unfused call sweeps; with whole vectors on every row both give the same
-    bits (up to where the threads split the work, which falls on row boundaries for Mimi's shapes).
+    shorter than the flat tensor an unfused call sweeps; with whole vectors on every row both paths do the
+    same math, and their results are equal up to float32 rounding (vector width, FMA and where the threads
+    split the work can differ between the two kernels).
     """
     if activation is None:
         return torch.cat([context, x], dim=-1)
@@ -324,7 +325,8 @@ class _ConvTrState(State):
     """Last ``m - 1`` input frames of a transposed conv (``previous [B, C_in, m - 1]``, zeros at the start).
 
     With the polyphase form (:func:`polyphase_weight`) the overlap of successive frames is an ordinary left
-    context, so a streamed call computes exactly what the one-shot call computes for the same samples.
+    context, so a streamed call does the same math as the one-shot call on the same samples (equal up to
+    float32 rounding: the chunk shapes differ).
     """
 
     previous: torch.Tensor

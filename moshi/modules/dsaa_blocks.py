@@ -65,7 +65,7 @@ class TextPreservingProjector(nn.Module):
         self.reset_output_layer()
 
     def reset_output_layer(self) -> None:
-        """Contract init of the output layer: weight ~ N(0, 0.01), bias 0 (near-zero correction)."""
+        """Output layer: weight ~ N(0, 0.01), bias 0, so the correction starts near zero."""
         nn.init.normal_(self.fusion[4].weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.fusion[4].bias)
 
@@ -107,7 +107,7 @@ class ResidualDepformerProjector(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Contract init: norm 1/0, fc1 kaiming-normal (relu, fan_in), fc2 and skip xavier-uniform, biases 0."""
+        """Initialises norm 1/0, fc1 kaiming-normal (relu, fan_in), fc2 and skip xavier-uniform, biases 0."""
         nn.init.ones_(self.norm.weight)
         nn.init.zeros_(self.norm.bias)
         nn.init.kaiming_normal_(self.fc1.weight, mode="fan_in", nonlinearity="relu")

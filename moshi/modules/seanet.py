@@ -1,13 +1,14 @@
 """SEANet convolutional encoder/decoder of the Mimi codec (causal, streamable).
 
 The layer lists are plain ``nn.Sequential`` named ``model`` so that state-dict keys read
-``encoder.model.{i}...`` exactly as in Kyutai's checkpoints (reference §6.3/§6.4); activations take an index
-too even though they have no weights.
+``encoder.model.{i}...`` and ``decoder.model.{i}...`` exactly as in Kyutai's checkpoints; activations take an
+index too even though they have no weights.
 
 Speed (CPU inference, autograd off): the layers run through :func:`run_layers`, which lets each conv write
 the preceding ELU straight into its padded input, and long calls run the high-rate stages in time blocks
-(see ``BLOCK_SAMPLES``). Neither changes the result; with autograd on, every layer runs plainly on the whole
-input.
+(see ``BLOCK_SAMPLES``). Neither changes the math: results equal the plain path up to float32 rounding
+(blocks and whole inputs may run different conv kernels). With autograd on, every layer runs plainly on the
+whole input.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ class EuclideanCodebook(nn.Module):
     Note:
         The buffers are float32 whatever the model dtype: distances between nearby codewords need the
         precision. An untrained codebook gets random (standard normal) centroids so that a freshly built model
-        produces varied codes; Kyutai's k-means initialisation is a training feature we do not need (Mimi is
-        never trained here), so ``_initialized`` starts at 1.
+        produces varied codes. Codebooks are never learnt here (Mimi stays frozen), so there is no k-means
+        initialisation and ``_initialized`` starts at 1.
     """
 
     def __init__(

@@ -178,7 +178,7 @@ def test_bad_options_fail_before_any_work(tmp_path):
         annotate.main([str(manifest), "--workers", "2", "--device", "cpu"])
     with pytest.raises(ValueError, match="--device gpu0: Invalid device string"):
         annotate.main([str(manifest), "--local", "--device", "gpu0"])
-    # Upstream's bool-typed option could not be turned off with "0"; ours is seconds.
+    # The option is seconds, not a bool: "0" turns it off.
     args = annotate.build_parser().parse_args([str(manifest), "--keep_silence_in_segments", "0"])
     assert annotate.config_from_args(args).keep_silence_in_segments == 0.0
 

@@ -1,4 +1,7 @@
-"""Text-row placement (reference §4.1-4.6), with a fake tokenizer giving fixed ids."""
+"""Text-row placement (word selection, tokenizing, EPAD, collisions, chunk end).
+
+A fake tokenizer gives fixed ids.
+"""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ FRAME = 1920
 
 
 def _reference_shapes() -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of Kyutai's Mimi, written out from the reference tables (§6.9)."""
+    """Tensor names and shapes of Kyutai's Mimi, written out by hand from its published checkpoint."""
     shapes: dict[str, tuple[int, ...]] = {}
     enc = "encoder.model"
     shapes[f"{enc}.0.conv.conv.weight"] = (64, 1, 7)

@@ -1,4 +1,5 @@
-"""Mimi against the numbers Kyutai's package gives (reference §10.4): default config, §10.1 deterministic fill.
+"""Mimi against the numbers Kyutai's package gives: default config, weights from the
+deterministic fill of ``tests/helpers/fill.py``.
 
 One full-size model (79M parameters) is built for the whole module; the input is 3 frames (5760 samples).
 """
