@@ -22,18 +22,9 @@ from finetune.checkpointing import (
 )
 from moshi.models.lm import LMModel
 from moshi.models.loaders import get_moshi_lm
-from moshi.modules.lora import init_lora_for_training, replace_all_linear_with_lora, replace_lora_with_linear
+from moshi.modules.lora import replace_lora_with_linear
 from tests.helpers.configs import small_lm_kwargs
-
-
-def _lora_model(seed: int = 0) -> LMModel:
-    torch.manual_seed(seed)
-    model = LMModel(**small_lm_kwargs())
-    replace_all_linear_with_lora(model, rank=4, scaling=2.0)
-    init_lora_for_training(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora" in name)
-    return model
+from tests.helpers.models import small_lora_lm
 
 
 def _codes(b: int = 2, t: int = 6) -> torch.Tensor:
@@ -60,13 +51,13 @@ def _checkpointer(run_dir, model, opt, save_adapters=True, keep=None, fingerprin
 
 
 def test_merge_lora_state_dict_equals_fused_module():
-    model = _lora_model()
+    model = small_lora_lm()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
     merged = merge_lora_state_dict(model.state_dict(), scaling=2.0)
-    fused = _lora_model()
+    fused = small_lora_lm()
     fused.load_state_dict(model.state_dict())
     replace_lora_with_linear(fused)
     ref = fused.state_dict()
@@ -76,7 +67,7 @@ def test_merge_lora_state_dict_equals_fused_module():
 
 
 def test_exports_load_through_moshi_loaders_and_give_the_same_logits(tmp_path):
-    model = _lora_model()
+    model = small_lora_lm()
     base_path = tmp_path / "base.safetensors"
     from safetensors.torch import save_file
 
@@ -113,7 +104,7 @@ def test_exports_load_through_moshi_loaders_and_give_the_same_logits(tmp_path):
 
 
 def test_resume_state_round_trip_restores_model_optimizer_and_rng(tmp_path):
-    model = _lora_model()
+    model = small_lora_lm()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     _train_a_bit(model, opt)
     torch.manual_seed(123)
@@ -125,7 +116,7 @@ def test_resume_state_round_trip_restores_model_optimizer_and_rng(tmp_path):
     _train_a_bit(model, opt)  # the state moves on; loading must bring it back
     want_params = {k: v.clone() for k, v in model.state_dict().items()}
 
-    fresh = _lora_model(seed=1)
+    fresh = small_lora_lm(seed=1)
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k}, strict=False)
     opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
     step, state = _checkpointer(tmp_path, fresh, opt2).load(folder)
@@ -142,7 +133,7 @@ def test_resume_state_round_trip_restores_model_optimizer_and_rng(tmp_path):
 
 
 def test_retention_by_step_number_and_incomplete_checkpoints_are_ignored(tmp_path):
-    model = _lora_model()
+    model = small_lora_lm()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     c = _checkpointer(tmp_path, model, opt, keep=2)
     for step in (5, 10, 15):
@@ -154,7 +145,7 @@ def test_retention_by_step_number_and_incomplete_checkpoints_are_ignored(tmp_pat
 
 
 def test_full_disk_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    model = _lora_model()
+    model = small_lora_lm()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     c = _checkpointer(tmp_path, model, opt)
     c.save(1, {})
@@ -173,7 +164,7 @@ def test_full_disk_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
 
 
 def test_resume_with_changed_config_names_the_keys(tmp_path):
-    model = _lora_model()
+    model = small_lora_lm()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     folder = _checkpointer(tmp_path, model, opt, fingerprint={"lora.rank": 4, "seed": 0, "batch_size": 2}).save(1, {})
     changed = _checkpointer(tmp_path, model, opt, fingerprint={"lora.rank": 8, "seed": 0, "batch_size": 3})

@@ -16,9 +16,8 @@ import torch
 
 import finetune.checkpointing as ck
 from finetune.checkpointing import Checkpointer, CheckpointError, latest_resumable, list_checkpoints
-from moshi.models.lm import LMModel
-from moshi.modules.lora import init_lora_for_training, replace_all_linear_with_lora
 from tests.helpers.configs import small_lm_kwargs
+from tests.helpers.models import small_lora_lm
 
 
 def _no_space(*args, **kwargs):
@@ -42,12 +41,7 @@ def _tmp_rename_fails(real):
 
 
 def _model_and_opt(seed: int = 0):
-    torch.manual_seed(seed)
-    model = LMModel(**small_lm_kwargs())
-    replace_all_linear_with_lora(model, rank=4, scaling=2.0)
-    init_lora_for_training(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora" in name)
+    model = small_lora_lm(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     out = model(torch.randint(0, 32, (2, 5, 6)))
     out.logits[out.mask].float().logsumexp(-1).mean().backward()

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from moshi.models.lm import LMModel
+from moshi.modules.lora import init_lora_for_training, replace_all_linear_with_lora
 
 from .configs import small_lm_kwargs
 from .fill import fill_state_dict
@@ -17,6 +18,17 @@ def filled_small_lm(dtype: torch.dtype = torch.float32, **overrides: Any) -> LMM
     model = LMModel(**small_lm_kwargs(**overrides), dtype=dtype)
     fill_state_dict(model)
     return model.eval()
+
+
+def small_lora_lm(seed: int = 0) -> LMModel:
+    """The small LM, seeded, with LoRA (rank 4, scaling 2) on every Linear and only the LoRA factors trainable."""
+    torch.manual_seed(seed)
+    model = LMModel(**small_lm_kwargs())
+    replace_all_linear_with_lora(model, rank=4, scaling=2.0)
+    init_lora_for_training(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora" in name)
+    return model
 
 
 def fixture_codes(batch: int = 2, steps: int = 6) -> torch.Tensor:

@@ -40,50 +40,6 @@ from moshi.utils.utils import cross_entropy
 from tests.helpers.configs import small_lm_kwargs
 
 KYUTAI_API: dict[str, list[tuple[str, str | None]]] = {
-    "moshi.models": [
-        ("CompressionModel", ""),
-        ("CompressionModel.forward", "x"),
-        ("CompressionModel.encode", "x"),
-        ("CompressionModel.decode", "codes"),
-        ("CompressionModel.decode_latent", "codes"),
-        ("CompressionModel.set_num_codebooks", "n"),
-        (
-            "MimiModel",
-            "encoder, decoder, quantizer, frame_rate, encoder_frame_rate, sample_rate, channels, causal, "
-            "encoder_transformer, decoder_transformer, resample_method, upsample_channel_wise_bug, "
-            "freeze_encoder, freeze_quantizer, freeze_quantizer_level",
-        ),
-        ("MimiModel.set_num_codebooks", "n"),
-        ("MimiModel.forward", "x"),
-        ("MimiModel.encode", "x"),
-        ("MimiModel.encode_to_latent", "x, quantize"),
-        ("MimiModel.decode", "codes"),
-        ("MimiModel.decode_latent", "codes"),
-        (
-            "LMModel",
-            "delays, n_q, dep_q, card, text_card, text_card_out, demux_second_text_stream, dim, num_heads, "
-            "hidden_scale, norm, norm_emb, bias_proj, depformer_dim, depformer_dim_feedforward, "
-            "depformer_multi_linear, depformer_weights_per_step, depformer_weights_per_step_schedule, "
-            "depformer_low_rank_embeddings, depformer_pos_emb, depformer_norm, existing_text_padding_id, "
-            "existing_text_end_padding_id, extra_heads_num_heads, extra_heads_dim, context, causal, "
-            "condition_provider, fuser, quantize, device, dtype, gradient_checkpointing, **kwargs",
-        ),
-        ("LMModel.forward", "codes, condition_tensors"),
-        ("LMModel.forward_text", "sequence, sum_condition, cross_attention_src"),
-        ("LMModel.forward_depformer_training", "sequence, transformer_out"),
-        ("LMModel.forward_depformer", "depformer_cb_index, sequence, transformer_out"),
-        (
-            "LMGen",
-            "lm_model, use_sampling, temp, temp_text, top_k, top_k_text, cfg_coef, check, "
-            "condition_tensors, on_text_hook, on_text_logits_hook, on_audio_hook, support_out_of_sync, "
-            "cfg_is_masked_until, cfg_is_no_text",
-        ),
-        ("LMGen.step", "input_tokens, depformer_replace_tokens"),
-        ("LMGen.step_with_extra_heads", "input_tokens, depformer_replace_tokens"),
-        ("LMGen.depformer_step", "text_token, transformer_out"),
-        ("get_mimi", "filename, mimi_config, device, num_codebooks"),
-        ("get_moshi_lm", "filename, lm_kwargs, device, dtype, lora_weights, fuse_lora, lm_kwargs_overrides"),
-    ],
     "moshi.models.compression": [
         ("CompressionModel", ""),
         ("CompressionModel.forward", "x"),
@@ -156,49 +112,6 @@ KYUTAI_API: dict[str, list[tuple[str, str | None]]] = {
         ("get_mimi", "filename, mimi_config, device, num_codebooks"),
         ("get_moshi_lm", "filename, lm_kwargs, device, dtype, lora_weights, fuse_lora, lm_kwargs_overrides"),
         ("get_lora_moshi", "model, lora_weights, lora_rank, lora_scaling, dtype, device, fuse_lora"),
-    ],
-    "moshi.modules": [
-        ("NormConv1d", "*args, causal, norm, norm_kwargs, **kwargs"),
-        ("NormConv1d.forward", "x"),
-        ("NormConvTranspose1d", "*args, causal, norm, norm_kwargs, **kwargs"),
-        ("NormConvTranspose1d.forward", "x"),
-        (
-            "StreamingConv1d",
-            "in_channels, out_channels, kernel_size, stride, dilation, groups, bias, causal, norm, "
-            "norm_kwargs, pad_mode",
-        ),
-        ("StreamingConv1d.forward", "x"),
-        (
-            "StreamingConvTranspose1d",
-            "in_channels, out_channels, kernel_size, stride, groups, bias, causal, norm, trim_right_ratio, "
-            "norm_kwargs",
-        ),
-        ("StreamingConvTranspose1d.forward", "x"),
-        ("pad_for_conv1d", "x, kernel_size, stride, padding_total"),
-        ("pad1d", "x, paddings, mode, value"),
-        ("unpad1d", "x, paddings"),
-        (
-            "SEANetEncoder",
-            "channels, dimension, n_filters, n_residual_layers, ratios, activation, activation_params, "
-            "norm, norm_params, kernel_size, last_kernel_size, residual_kernel_size, dilation_base, "
-            "causal, pad_mode, true_skip, compress, disable_norm_outer_blocks, mask_fn, mask_position",
-        ),
-        ("SEANetEncoder.forward", "x"),
-        (
-            "SEANetDecoder",
-            "channels, dimension, n_filters, n_residual_layers, ratios, activation, activation_params, "
-            "final_activation, final_activation_params, norm, norm_params, kernel_size, last_kernel_size, "
-            "residual_kernel_size, dilation_base, causal, pad_mode, true_skip, compress, "
-            "disable_norm_outer_blocks, trim_right_ratio",
-        ),
-        ("SEANetDecoder.forward", "z"),
-        (
-            "StreamingTransformer",
-            "d_model, num_heads, num_layers, dim_feedforward, causal, context, positional_embedding, "
-            "max_period, positional_scale, betas, layer_class, quantize, checkpointing, device, dtype, "
-            "**kwargs",
-        ),
-        ("StreamingTransformer.forward", "x, *args, **kwargs"),
     ],
     "moshi.modules.conv": [
         ("apply_parametrization_norm", "module, norm"),
@@ -402,6 +315,27 @@ KYUTAI_API: dict[str, list[tuple[str, str | None]]] = {
         ("cross_entropy", "logits, targets, mask, dtype, logits_soft_clip"),
     ],
 }
+
+# Names Kyutai's packages re-export from their submodules: the same rows, checked at both paths.
+REEXPORTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "moshi.models": {
+        "moshi.models.compression": ("CompressionModel", "MimiModel"),
+        "moshi.models.lm": ("LMModel", "LMGen"),
+        "moshi.models.loaders": ("get_mimi", "get_moshi_lm"),
+    },
+    "moshi.modules": {
+        "moshi.modules.conv": (
+            "NormConv1d", "NormConvTranspose1d", "StreamingConv1d", "StreamingConvTranspose1d", "pad_for_conv1d",
+            "pad1d", "unpad1d",
+        ),
+        "moshi.modules.seanet": ("SEANetEncoder", "SEANetDecoder"),
+        "moshi.modules.transformer": ("StreamingTransformer",),
+    },
+}
+for _package, _sources in REEXPORTS.items():
+    KYUTAI_API[_package] = [
+        row for module, names in _sources.items() for row in KYUTAI_API[module] if row[0].split(".")[0] in names
+    ]
 
 
 def _resolve(module: str, path: str) -> Any:

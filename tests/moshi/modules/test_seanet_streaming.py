@@ -11,29 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moshi.models.compression import DEFAULT_MIMI_CONFIG
 from moshi.modules.seanet import SEANetDecoder, SEANetEncoder, SEANetResnetBlock
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 # Mimi's SEANet settings at tiny widths; two stages so chunks cross a stride boundary inside the network.
-TINY_SEANET = {
-    "channels": 1,
-    "dimension": 8,
-    "causal": True,
-    "n_filters": 2,
-    "n_residual_layers": 1,
-    "activation": "ELU",
-    "compress": 2,
-    "dilation_base": 2,
-    "disable_norm_outer_blocks": 0,
-    "kernel_size": 7,
-    "residual_kernel_size": 3,
-    "last_kernel_size": 3,
-    "norm": "none",
-    "pad_mode": "constant",
-    "ratios": [4, 2],
-    "true_skip": True,
-}
+TINY_SEANET = {**DEFAULT_MIMI_CONFIG["seanet"], "dimension": 8, "n_filters": 2, "ratios": [4, 2]}
 HOP = 8  # product of the ratios
 
 
