@@ -89,6 +89,10 @@ def test_lora_export_fused_and_unfused(assets, tmp_path):
                           config=ckpt / "consolidated" / "config.json", device="cpu")
     assert explicit.kind == "lora"
     torch.testing.assert_close(_logits(explicit.lm, codes), want, **FUSED_TOL)
+    from_folder = load_model(assets, lora_weight=ckpt / "consolidated" / "lora.safetensors",
+                             config=ckpt / "consolidated" / "config.json", device="cpu")
+    assert from_folder.kind == "lora" and from_folder.sources["weights"] == str(assets / "model.safetensors")
+    torch.testing.assert_close(_logits(from_folder.lm, codes), want, **FUSED_TOL)
 
 
 def test_merged_and_full_exports(assets, tmp_path):
