@@ -29,6 +29,7 @@ LEVEL = 40.0
 CARD = 32
 N_Q = 4  # audio codebooks in the model input: 2 per channel
 DEP_Q = 2  # predicted: Moshi's channel
+TEXT_CARD = 16
 
 
 class LevelEncoder:
@@ -114,12 +115,14 @@ class FakeLM(nn.Module):
     def audio_logits(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, codes: torch.Tensor) -> LMOutput:
+    def text_logits(self, codes: torch.Tensor) -> torch.Tensor:
         B, _, T = codes.shape
+        return torch.zeros(B, 1, T, TEXT_CARD)
+
+    def forward(self, codes: torch.Tensor) -> LMOutput:
         logits = self.audio_logits(codes) + 0 * self.dummy
         mask = codes[:, 1 : 1 + DEP_Q] != -1
-        text = torch.zeros(B, 1, T, 16)
-        return LMOutput(logits, mask, text, codes[:, :1] != -1)
+        return LMOutput(logits, mask, self.text_logits(codes), codes[:, :1] != -1)
 
 
 class PreferenceLM(FakeLM):
@@ -148,10 +151,14 @@ class CopyLM(FakeLM):
 
 
 class OracleLM(FakeLM):
-    """Knows the answer: the logits at frame t put (almost) all mass on the code of frame t."""
+    """Knows the answer: the logits at frame t put (almost) all mass on the codes of frame t, text included."""
 
     def audio_logits(self, codes: torch.Tensor) -> torch.Tensor:
         B, _, T = codes.shape
         logits = torch.full((B, DEP_Q, T, CARD), -1e4)
-        logits.scatter_(-1, codes[:, 1 : 1 + DEP_Q].clamp(min=0).unsqueeze(-1), 0.0)
-        return logits
+        return logits.scatter_(-1, codes[:, 1 : 1 + DEP_Q].clamp(min=0).unsqueeze(-1), 0.0)
+
+    def text_logits(self, codes: torch.Tensor) -> torch.Tensor:
+        B, _, T = codes.shape
+        logits = torch.full((B, 1, T, TEXT_CARD), -1e4)
+        return logits.scatter_(-1, codes[:, :1].clamp(min=0).unsqueeze(-1), 0.0)
