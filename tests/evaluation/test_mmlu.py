@@ -94,12 +94,14 @@ def test_layout_counts_come_from_the_metadata(tmp_path):
 def test_reading_the_logits_one_frame_early_is_caught():
     """The fork's alignment (logits of frame P-1+j for continuation frame j) misses an oracle's every frame."""
     from finetune.evaluation.mmlu import continuation_log_likelihoods
-    from finetune.evaluation.scoring import forward_logits, stream_log_likelihoods
+    from finetune.evaluation.scoring import forward_logits, stream_log_likelihoods, token_log_likelihoods
 
     codes = torch.tensor([[[3, 3, 3, 3, 3, 3], [1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [0] * 6, [0] * 6]])
-    audio_ll, text_ll, _ = stream_log_likelihoods(forward_logits(OracleLM(), codes, True), codes)
+    logits = forward_logits(OracleLM(), codes, True)
+    audio_ll, text_ll, _ = stream_log_likelihoods(logits, codes)
     P, C = 3, 3
     audio, text = continuation_log_likelihoods(audio_ll, text_ll, P, C)
     assert audio.abs().max() < 1e-3 and text.abs().max() < 1e-3
-    shifted, _ = continuation_log_likelihoods(audio_ll.roll(1, dims=-1), text_ll, P, C)  # frame t read at t-1
+    early = token_log_likelihoods(logits.audio.roll(1, dims=2), codes[:, 1:3], logits.audio_mask)  # t read at t-1
+    shifted, _ = continuation_log_likelihoods(early, text_ll, P, C)
     assert (shifted < -1e3).all()
