@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from finetune.cli import run_main
-from finetune.eval_sets.layout import CHANNELS, MANIFEST_NAME, ORDERS, BuildOptions, build_pair_set
+from finetune.eval_sets.layout import CHANNELS, ORDERS, BuildOptions, build_pair_set
 from finetune.eval_sets.sources import SourcePair, read_indexed, read_pair_folders, read_slm21
+from finetune.evaluation.layout import MANIFEST_NAME
 from finetune.reporting import provenance
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

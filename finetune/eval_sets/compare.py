@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.eval_sets.paired_stats import compare_paired
+from finetune.evaluation.layout import item_sort_key
 
 
 class ResultsError(ValueError):
@@ -95,7 +96,7 @@ def paired_correctness(base: Results, other: Results, set_name: str, protocol: s
         raise ResultsError(f"set {set_name!r}: item_id {only[0]!r} is only in {holder} ({len(only)} ids differ "
                            f"between {base.path} and {other.path}); they are not results of the same set")
     ids, ca, cb, skipped = [], [], [], 0
-    for item_id in sorted(a, key=_id_order):
+    for item_id in sorted(a, key=item_sort_key):
         ra, rb = a[item_id], b[item_id]
         if ra.get("error") or rb.get("error"):
             skipped += 1
@@ -104,10 +105,6 @@ def paired_correctness(base: Results, other: Results, set_name: str, protocol: s
         ca.append(_correct(ra, protocol, f"{base.path}, set {set_name!r}"))
         cb.append(_correct(rb, protocol, f"{other.path}, set {set_name!r}"))
     return ids, ca, cb, skipped
-
-
-def _id_order(item_id: str) -> tuple[int, int | str]:
-    return (0, int(item_id)) if item_id.lstrip("-").isdigit() else (1, item_id)
 
 
 @dataclass(frozen=True)

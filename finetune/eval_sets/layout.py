@@ -34,16 +34,14 @@ import torch
 
 from finetune.data.audio import AudioReadError, read_audio, resample, write_wav
 from finetune.data.manifest import manifest_line
-from finetune.eval_sets.sources import EvalSetError, SourcePair
+from finetune.eval_sets.sources import SourcePair
+from finetune.evaluation.layout import EXTRA_NAME, MANIFEST_NAME, SIDE_MAP_NAME, EvalSetError
 from finetune.reporting import write_csv, write_json
 from moshi.utils.atomic import atomic_dir, atomic_write_json, atomic_write_text
 
 SAMPLE_RATE = 24_000
 CHANNELS = {"moshi": 0, "user": 1}  # left = the model's stream, right = the user's
 ORDERS = ("random", "positive-first", "negative-first")
-MANIFEST_NAME = "data.jsonl"
-EXTRA_NAME = "extra.txt"
-SIDE_MAP_NAME = "side_map.csv"
 BUILD_NAME = "build.json"
 SIDE_MAP_COLUMNS = ("file_index", "pair_id", "role", "source", "id", "voice", "word", "frequency", "type", "subtype")
 AUDIO_DIR = "data_stereo"

@@ -25,13 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.evaluation.layout import EvalSetError
+
 AUDIO_SUFFIX = ".wav"
 LEXICAL_COLUMNS = ("filename", "voice", "frequency", "word", "correct", "id")
 SYNTACTIC_COLUMNS = ("filename", "voice", "type", "subtype", "transcription", "correct", "id")
-class EvalSetError(ValueError):
-    """A released benchmark folder is inconsistent; the message names the file."""
-
-
 @dataclass(frozen=True)
 class SourcePair:
     """One pair of a released benchmark.

@@ -13,7 +13,8 @@ from data_tools.synth import load_script
 from finetune.data.audio import read_audio, write_wav
 from finetune.data.manifest import read_manifest
 from finetune.eval_sets.layout import BuildOptions, build_pair_set
-from finetune.eval_sets.sources import EvalSetError, SourcePair, read_slm21
+from finetune.eval_sets.sources import SourcePair, read_slm21
+from finetune.evaluation.layout import EvalSetError, read_pair_set
 
 SR_IN = 16_000
 
@@ -102,6 +103,15 @@ def test_slm21_lexical_round_trip(tmp_path: Path) -> None:
             assert entries[index].duration == pytest.approx(row["_n"] * 1.5 / 24_000)
             assert json.loads((out / "data_stereo" / f"{index}.json").read_text()) == {"alignments": []}
     assert orders == {True, False}  # the seeded random order puts positives on both stems
+
+    # The evaluation's reader pairs the built set by the side map's pair ids, with sWUGGY's groupings.
+    read = {p.item_id: p for p in read_pair_set(out).pairs}
+    assert sorted(read) == sorted(pairs)
+    for pair_id, pair in pairs.items():
+        got = read[pair_id]
+        assert (got.positive, got.negative) == (int(pair["positive"]["file_index"]), int(pair["negative"]["file_index"]))
+        band = {"0": "oov", "3": "1-5", "150": ">100"}[pair["positive"]["frequency"]]
+        assert (got.groups["frequency_band"], got.groups["in_vocab"]) == (band, "false" if band == "oov" else "true")
     assert sorted(p.name for p in out.iterdir()) == ["build.json", "data.jsonl", "data_stereo", "extra.txt",
                                                      "side_map.csv"]
 
