@@ -12,8 +12,9 @@ Usage:
 
 Items are paired by (set, item_id). Per set and protocol: accuracies, the delta in points, its bootstrap
 percentile interval, the discordant counts (better = items the checkpoint gets more right than the
-baseline, worse = the reverse) and the exact McNemar p-value on them. A tie (correct = 0.5) against a
-decision counts as discordant once, so with ties the test is the exact sign test on per-item differences.
+baseline, worse = the reverse) and the exact McNemar p-value on them. A tie (correct = 0.5 for a pair, 1/k
+for a k-way spoken-MMLU tie) against a decision counts as one discordant item, so with ties the test is the
+exact sign test on the per-item differences (McNemar's exact test when there are none).
 
 Writes under --out: comparison.md, comparison.csv, comparison.json (rows, the better/worse item ids,
 provenance), discordant.csv (one line per discordant item), accuracy.png and delta.png; the table is also
@@ -47,7 +48,7 @@ def plot_accuracy(results: Sequence[Results], rows: Sequence[ComparisonRow], pat
     plt = pyplot()
     protocols = list(dict.fromkeys(r.protocol for r in rows))
     labels = [r.label for r in results]
-    fig, axes = plt.subplots(1, len(protocols), figsize=(4 + 2.5 * len(protocols), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.5 * len(protocols), 3.5), squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         sub = [r for r in rows if r.protocol == protocol]
         sets = list(dict.fromkeys(r.set for r in sub))
@@ -64,7 +65,7 @@ def plot_accuracy(results: Sequence[Results], rows: Sequence[ComparisonRow], pat
         ax.set_ylim(0, 100)
         ax.axhline(50, color="grey", lw=0.8, ls=":")
         ax.set_title(protocol)
-        ax.set_ylabel("accuracy %")
+    axes[0][0].set_ylabel("accuracy %")
     axes[0][-1].legend(fontsize="small")
     save_figure(fig, path)
 
@@ -74,7 +75,7 @@ def plot_delta(rows: Sequence[ComparisonRow], confidence: float, path: Path) -> 
     plt = pyplot()
     protocols = list(dict.fromkeys(r.protocol for r in rows))
     labels = list(dict.fromkeys(r.label for r in rows))
-    fig, axes = plt.subplots(1, len(protocols), figsize=(4 + 2.5 * len(protocols), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.5 * len(protocols), 3.5), squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         sub = [r for r in rows if r.protocol == protocol]
         sets = list(dict.fromkeys(r.set for r in sub))
@@ -92,7 +93,7 @@ def plot_delta(rows: Sequence[ComparisonRow], confidence: float, path: Path) -> 
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sets))], sets)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_title(f"{protocol} (vs {rows[0].baseline}, {100 * confidence:g}% CI)")
-        ax.set_ylabel("Δ accuracy, points")
+    axes[0][0].set_ylabel("Δ accuracy, points")
     axes[0][-1].legend(fontsize="small")
     save_figure(fig, path)
 
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": results[baseline].label,
         "files": {r.label: str(r.path) for r in results},
         "confidence": args.confidence, "resamples": args.resamples, "seed": args.seed,
-        "ties": "correct = 0.5; a tie against a decision is one discordant item (exact sign test)",
+        "ties": "correct = 0.5 (1/k for k tied choices); a tie against a decision is one discordant item",
         "rows": [asdict(r) for r in rows],
         "provenance": provenance(datasets=files),
     })

@@ -2,16 +2,17 @@
 
 Two checkpoints scored on the same items are not independent samples: most items are right (or wrong) for
 both, and only the items where they disagree say anything about which is better. Per-item correctness is
-1, 0 or 0.5 (a tie between a pair's two scores counts half).
+in [0, 1]: 1 or 0, and 1/k when the gold answer is among k exactly tied best scores (0.5 for a pair).
 
 * McNemar's exact test: ``b`` = items where B scores higher than A, ``c`` = items where A scores higher;
   ``p = min(1, 2 · P[Binomial(b + c, ½) ≤ min(b, c)])``. An item where one side has a tie and the other a
   decision (0.5 against 1 or 0) counts as discordant like any other difference, once; with ties this is the
   exact sign test on the per-item differences, and without ties it is McNemar's exact test.
 * Bootstrap: items resampled with replacement, the accuracy delta ``mean(c_B − c_A)`` recomputed, the
-  percentile interval reported. The per-item difference takes at most five values, so a resample is fully
-  described by how many items of each value it draws: a multinomial draw over those values, which gives the
-  same distribution as resampling indices at a cost independent of the number of items.
+  percentile interval reported. The per-item difference takes only a few distinct values (five for pairs),
+  so a resample is fully described by how many items of each value it draws: a multinomial draw over those
+  values, which gives the same distribution as resampling indices at a cost independent of the number of
+  items.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-CORRECT_VALUES = (0.0, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -42,11 +41,11 @@ class PairedComparison:
 
 
 def check_correct(values: Sequence[float], where: str) -> np.ndarray:
-    """``values`` as a float array, refusing anything but 0, 0.5 and 1 (naming ``where``)."""
+    """``values`` as a float array, refusing anything outside [0, 1] (naming ``where``)."""
     arr = np.asarray(values, dtype=np.float64)
-    bad = ~np.isin(arr, CORRECT_VALUES)
+    bad = ~((arr >= 0) & (arr <= 1))
     if bad.any():
-        raise ValueError(f"{where}: per-item correctness must be 0, 0.5 or 1, got {float(arr[bad][0])}")
+        raise ValueError(f"{where}: per-item correctness must be in [0, 1], got {float(arr[bad][0])}")
     return arr
 
 

@@ -61,8 +61,11 @@ def test_ties_count_once_as_discordant() -> None:
     assert (c.better, c.worse, c.n) == (3, 3, 8)
     assert c.delta == pytest.approx(0.0) and c.p_value == 1.0
     assert c.accuracy_a == pytest.approx(4.5 / 8) and c.accuracy_b == pytest.approx(4.5 / 8)
-    with pytest.raises(ValueError, match="baseline: per-item correctness must be 0, 0.5 or 1, got 0.3"):
-        compare_paired([0.3], [1])
+    # A four-way tie of spoken MMLU (1/4) against a decision is one discordant item as well.
+    mmlu = compare_paired([0.25, 1, 0, 1 / 3], [1, 0.25, 0, 1 / 3], resamples=100)
+    assert (mmlu.better, mmlu.worse, mmlu.delta) == (1, 1, 0.0)
+    with pytest.raises(ValueError, match=r"baseline: per-item correctness must be in \[0, 1\], got 1.3"):
+        compare_paired([1.3], [1])
 
 
 def test_bootstrap_matches_index_resampling() -> None:
