@@ -10,8 +10,9 @@ Usage:
     --order random|positive-first|negative-first   which of a pair's two stems gets the positive (default
                               random, seeded by --seed)
     --max-duration SECONDS    refuse any item longer than this (set it to the config's eval_duration_sec)
-    --annotate                word alignments through annotate.py (Whisper) instead of empty ones;
-                              --whisper-model, --lang and --device are passed on
+    --annotate                word alignments through annotate.py (Whisper) instead of empty ones, before the
+                              folder appears; --annotate-options "..." are passed on to it, e.g.
+                              "--whisper_model large-v3 --lang en --device cuda"
     --overwrite               replace an existing --out folder
 
 Source layouts: `slm21` = a ZeroSpeech 2021 sLM21 split folder (wavs + gold.csv, lexical or syntactic);
@@ -27,6 +28,7 @@ The folder appears only when complete.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Callable, Sequence
 from finetune.cli import run_main
 from finetune.eval_sets.layout import CHANNELS, ORDERS, BuildOptions, build_pair_set
 from finetune.eval_sets.sources import SourcePair, read_indexed, read_pair_folders, read_slm21
-from finetune.evaluation.layout import MANIFEST_NAME
+from finetune.evaluation.layout import MANIFEST_NAME, EvalSetError
 from finetune.reporting import provenance
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,15 +53,16 @@ def read_source(fmt: str, folder: Path, sep: str) -> tuple[dict[str, str], list[
     return {"format": fmt}, read_pair_folders(folder)
 
 
-def annotator(args: argparse.Namespace) -> Callable[[Path], None]:
-    """Runs annotate.py on the finished set's manifest (the right channel too when the item sits there)."""
+def annotator(channel: str, options: str, out: Path) -> Callable[[Path], None]:
+    """Runs annotate.py on the built set's manifest (the right channel too when the items sit there)."""
     def run(folder: Path) -> None:
         cmd = [sys.executable, str(REPO_ROOT / "annotate.py"), str(folder / MANIFEST_NAME), "--local",
-               "--whisper_model", args.whisper_model, "--lang", args.lang, "--device", args.device]
-        if args.channel == "user":
+               *shlex.split(options)]
+        if channel == "user":
             cmd.append("--both-channels")
         if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"annotate.py failed on {folder / MANIFEST_NAME}; nothing was written to {args.out}")
+            raise EvalSetError(f"annotate.py failed on some items (its log above names them); nothing was "
+                               f"written to {out}")
     return run
 
 
@@ -74,9 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-duration", type=float, default=None)
     p.add_argument("--sep", default="_", help="separator after the integer in `indexed` names (sBLIMP kits: +)")
     p.add_argument("--annotate", action="store_true", help="alignments through annotate.py instead of empty")
-    p.add_argument("--whisper-model", default="medium")
-    p.add_argument("--lang", default="en")
-    p.add_argument("--device", default="auto", help="device of the Whisper model with --annotate")
+    p.add_argument("--annotate-options", default="", help="options passed on to annotate.py (one string)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -85,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     source["provenance"] = provenance(datasets=[args.source])
     options = BuildOptions(channel=args.channel, order=args.order, seed=args.seed, max_duration=args.max_duration,
                            write_alignments=not args.annotate)
+    finalize = annotator(args.channel, args.annotate_options, args.out) if args.annotate else None
     rows = build_pair_set(pairs, args.out, options, args.source, source, overwrite=args.overwrite,
-                          progress=not args.no_progress, finalize=annotator(args) if args.annotate else None)
+                          progress=not args.no_progress, finalize=finalize)
     print(f"build_eval_set: {len(pairs)} pairs ({len(rows)} items) written to {args.out}")
     return 0
 

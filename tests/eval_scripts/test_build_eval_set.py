@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from data_tools.synth import load_script
 
+from finetune.data.alignments import load_alignments
 from finetune.data.audio import read_audio, write_wav
 from finetune.data.manifest import read_manifest
 from finetune.eval_sets.layout import BuildOptions, build_pair_set
@@ -202,3 +203,35 @@ def test_inconsistent_sources_raise_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(EvalSetError, match="stereo.wav: expected mono"):
         build_pair_set([SourcePair("s", stereo, tmp_path / "short.wav")], out, BuildOptions(), tmp_path, {},
                        progress=False)
+
+
+@pytest.mark.slow
+def test_annotate_runs_before_the_folder_appears(tmp_path: Path, tiny_whisper: Path) -> None:
+    pf = tmp_path / "cd"
+    mono(pf / "positive" / "x.wav", 16_000, seed=1)
+    mono(pf / "negative" / "x.wav", 12_000, seed=2)
+    out = tmp_path / "cd_set"
+    options = (f"--whisper_model {tiny_whisper} --device cpu --beam_size 1 --best_of 1 --temperature 0 "
+               "--max_tokens 4 --vad none --no-progress")
+    build = load_script("build_eval_set")
+    assert build.main(["pairs", str(pf), "--out", str(out), "--no-progress", "--annotate",
+                       "--annotate-options", options]) == 0
+    for n, seconds in enumerate(json.loads(line)["duration"] for line in (out / "data.jsonl").read_text().splitlines()):
+        words = load_alignments(out / "data_stereo" / f"{n}.json", duration=seconds)  # written by annotate.py
+        assert all(w.speaker == "SPEAKER_MAIN" for w in words)
+    assert json.loads((out / "build.json").read_text())["alignments"] == "annotated"
+
+
+
+def test_a_failing_finalize_leaves_nothing(tmp_path: Path) -> None:
+    pair = SourcePair("p", mono(tmp_path / "a.wav", 800, seed=1), mono(tmp_path / "b.wav", 800, seed=2))
+    seen = []
+
+    def fail(folder: Path) -> None:
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        raise EvalSetError("annotate.py failed")
+
+    with pytest.raises(EvalSetError, match="annotate.py failed"):
+        build_pair_set([pair], tmp_path / "out", BuildOptions(), tmp_path, {}, progress=False, finalize=fail)
+    assert seen == [["build.json", "data.jsonl", "data_stereo", "extra.txt", "side_map.csv"]]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
