@@ -6,13 +6,12 @@ import importlib.util
 import json
 import sys
 
-import numpy as np
 import pytest
 
-from finetune.data.audio import write_wav
-from finetune.data.manifest import write_manifest
 from tests.helpers import checkpoints as ck
 from tests.helpers.tiny_run import REPO
+
+from .conftest import noise_pair_set
 
 
 def load_script(name: str):
@@ -23,22 +22,6 @@ def load_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def noise_pair_set(root, n_pairs: int = 3, seconds: float = 0.48):
-    """Short stereo items (noise bursts on the left, silence on the right); positive = the odd item."""
-    (root / "data_stereo").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    entries, extra = [], []
-    for n in range(2 * n_pairs):
-        left = (0.1 * rng.standard_normal(int(24000 * seconds))).astype(np.float32)
-        write_wav(root / "data_stereo" / f"{n}.wav", np.stack([left, np.zeros_like(left)]), 24000)
-        (root / "data_stereo" / f"{n}.json").write_text('{"alignments": []}')
-        entries.append((root / "data_stereo" / f"{n}.wav", seconds))
-        extra.append({"file_index": n, "number": n % 2})
-    write_manifest(root / "data.jsonl", entries)
-    (root / "extra.txt").write_text("".join(json.dumps(x) + "\n" for x in extra))
-    return root
 
 
 @pytest.fixture(scope="module")
