@@ -658,7 +658,12 @@ def _validate_evaluation(a: TrainArgs, e: list[str]) -> None:
                     e.append(f"data.{k}: {path} is not an evaluation set folder (no {path / 'data.jsonl'})")
     if a.do_eval_loss and a.data.eval_data.strip() and a.data.eval_loss_data.strip():
         e.append("data.eval_data and data.eval_loss_data are two names of the eval-loss set: give one")
-    g = a.evaluation
+    e += evaluation_key_errors(a.evaluation)
+
+
+def evaluation_key_errors(g: EvalArgs) -> list[str]:
+    """Problems of the `evaluation:` section alone (the benchmark scripts check only these)."""
+    e: list[str] = []
     for key, value, allowed in (("channel", g.channel, EVAL_CHANNELS), ("text_row", g.text_row, EVAL_TEXT_ROWS),
                                 ("streams", g.streams, EVAL_STREAMS), ("mmlu_text_row", g.mmlu_text_row,
                                                                        EVAL_TEXT_ROWS),
@@ -680,6 +685,7 @@ def _validate_evaluation(a: TrainArgs, e: list[str]) -> None:
     if g.mmlu_text_weight < 0 or g.mmlu_audio_weight < 0:
         e.append("evaluation.mmlu_text_weight and mmlu_audio_weight must be >= 0, got "
                  f"{g.mmlu_text_weight} and {g.mmlu_audio_weight}")
+    return e
 
 
 def _validate_aug(g: AugArgs, e: list[str]) -> None:

@@ -95,6 +95,41 @@ def pair_items(n_pairs: int, pos_code: int = 5, neg_code: int = 7, frames: int =
     return items, extra
 
 
+def noise_set(root: Path, labels: dict[int, dict[str, Any] | None], seconds: float = 0.48) -> Path:
+    """A benchmark folder of real-sounding items (noise bursts left, silence right) for a real Mimi.
+
+    ``labels[N]`` is the `extra.txt` record of item N without its file_index (None: no line).
+    """
+    (root / "data_stereo").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries, extra = [], []
+    for n, label in sorted(labels.items()):
+        left = (0.1 * rng.standard_normal(int(SR * seconds))).astype(np.float32)
+        write_wav(root / "data_stereo" / f"{n}.wav", np.stack([left, np.zeros_like(left)]), SR)
+        (root / "data_stereo" / f"{n}.json").write_text('{"alignments": []}')
+        entries.append((root / "data_stereo" / f"{n}.wav", seconds))
+        if label is not None:
+            extra.append({"file_index": n, **label})
+    write_manifest(root / "data.jsonl", entries)
+    (root / "extra.txt").write_text("".join(json.dumps(x) + "\n" for x in extra))
+    return root
+
+
+def noise_pair_set(root: Path, n_pairs: int = 3) -> Path:
+    """Pairs (2i, 2i+1) of noise items, the odd one positive."""
+    return noise_set(root, {n: {"number": n % 2} for n in range(2 * n_pairs)})
+
+
+def noise_mmlu_set(root: Path, subjects: int = 2, questions: int = 2) -> Path:
+    """Choices A-D, prefix, item 5, one shot per subject, then the questions (golds 0, 1, ...)."""
+    labels: dict[int, dict[str, Any] | None] = {n: None for n in range(6)}
+    for s in range(subjects):
+        labels[6 + s] = {"number": s % 4, "subject_index": s}
+    for q in range(questions):
+        labels[6 + subjects + q] = {"number": q % 4, "subject_index": q % subjects}
+    return noise_set(root, labels)
+
+
 @pytest.fixture
 def coder() -> ItemCoder:
     store = CodesStore(AudioCodec(LevelEncoder(), device="cpu"))
