@@ -33,25 +33,10 @@ from finetune.args import TrainArgs
 from finetune.cli import run_main
 from finetune.data.sources import parse_sources
 from finetune.eval_metrics import evaluate_metrics
+from finetune.evaluation.runner import BASE, checkpoint_labels
 from finetune.model_family import model_family
 from finetune.model_loading import load_from_config
 from finetune.reporting import add_common_arguments, provenance, pyplot, save_figure, write_csv, write_json
-
-BASE = "base"
-
-
-def checkpoint_labels(checkpoints: Sequence[str]) -> list[str]:
-    """A unique, readable label per checkpoint: ``base`` or the checkpoint folder's name."""
-    out: list[str] = []
-    for c in checkpoints:
-        p = Path(c)
-        name = BASE if c == BASE else (p.parent.name if p.name == "consolidated" else p.name)
-        label, n = name, 1
-        while label in out:
-            n += 1
-            label = f"{name}-{n}"
-        out.append(label)
-    return out
 
 
 def scalar_row(label: str, m: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_arguments(p)
     args = p.parse_args(argv)
 
-    cfg = TrainArgs.load(args.config)
+    cfg = TrainArgs.load(args.config, validate=False)  # the training data need not exist where this runs
     spec = args.data or cfg.data.eval_data.strip() or cfg.data.eval_loss_data.strip()
     if not spec:
         raise ValueError(f"{args.config}: no eval data: set data.eval_data (or data.eval_loss_data) or pass --data")
