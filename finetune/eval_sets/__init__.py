@@ -1,1 +1,1 @@
-"""Paired spoken-LM benchmarks converted from their released layouts into the on-disk layout the readers use."""
+"""Spoken-LM benchmark sets built from their released layouts, and paired comparisons of their results."""

@@ -30,6 +30,8 @@ from finetune.evaluation.layout import EvalSetError
 AUDIO_SUFFIX = ".wav"
 LEXICAL_COLUMNS = ("filename", "voice", "frequency", "word", "correct", "id")
 SYNTACTIC_COLUMNS = ("filename", "voice", "type", "subtype", "transcription", "correct", "id")
+
+
 @dataclass(frozen=True)
 class SourcePair:
     """One pair of a released benchmark.
@@ -63,13 +65,6 @@ def _parse_correct(gold: Path, line: int, value: str | None) -> int:
     if value is None or value.strip() not in ("0", "1"):
         raise EvalSetError(f"{gold}:{line}: 'correct' must be 0 or 1, got {value!r}")
     return int(value)
-
-
-def _optional_number(value: str | None) -> float | None:
-    text = (value or "").strip()
-    if not text or text.lower() in ("nan", "na", "<na>"):
-        return None
-    return float(text)
 
 
 def read_slm21(split_dir: str | os.PathLike) -> tuple[str, list[SourcePair]]:
