@@ -66,6 +66,8 @@ def bootstrap_delta_ci(diff: np.ndarray, confidence: float = 0.95, resamples: in
     """Percentile interval of ``mean(diff)`` over item resamples (``diff`` = per-item ``c_B − c_A``)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
     n = diff.shape[0]
     values, counts = np.unique(diff, return_counts=True)
     rng = np.random.default_rng(seed)
