@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import checkpoints as ck
 from tests.helpers.tiny_run import REPO
 
-from .conftest import noise_pair_set
+from .conftest import noise_mmlu_set, noise_pair_set
 
 
 def load_script(name: str):
@@ -88,3 +88,39 @@ def test_dsaa_checkpoint_evaluates_through_the_script(tmp_path, assets):
     assert doc["checkpoint"]["model_kind"] == "dsaa"
     assert doc["settings"]["text_row"] == "pad" and doc["protocols"]["standard"]["streams"] == ["audio", "text"]
     assert doc["sets"]["slm_swuggy"]["n_errors"] == 0
+
+
+def test_mmlu_script_spoken_for_moshi_and_dsaa_and_text_for_the_llm_branch(tmp_path, assets):
+    from tests.dsaa.tiny_llm import tiny_dsaa, train_tokenizer
+
+    mmlu = noise_mmlu_set(tmp_path / "mmlu", subjects=2, questions=3)
+    (mmlu / "data_text").mkdir()
+    for n in range(11):
+        (mmlu / "data_text" / f"{n}.txt").write_text(f"q{n}")  # short: the tiny LLM has 64 positions
+    model = tiny_dsaa(card=64, n_q=8, dep_q=4, delays=[0] + [0, 1, 1, 1] * 2, context=64)
+    folder = ck.write_dsaa_checkpoint(tmp_path / "dsaa" / "consolidated", model, train_tokenizer())
+    script = load_script("mmlu_benchmark")
+    common = ["--device", "cpu", "--no-progress", "--set", "mmlu_shots=1", "--set", "mmlu_choice_frames=3"]
+
+    moshi = tmp_path / "moshi.yaml"
+    write_config(moshi, data={"mmlu_data": str(mmlu)}, moshi_paths={"hf_repo_id": str(assets)},
+                 lora={"enable": True, "rank": 4})
+    assert script.main([str(moshi), "--out", str(tmp_path / "out_moshi"), *common]) == 0
+    doc = json.loads((tmp_path / "out_moshi" / "base.json").read_text())
+    result = doc["sets"]["mmlu"]
+    assert [r["item_id"] for r in result["items"]] == ["8", "9", "10"] and result["n_errors"] == 0
+    assert set(result["breakdown"]["subject"]) == {"0", "1"}
+    assert set(result["items"][0]["fork"]["scores"]) == {"A", "B", "C", "D"}
+    assert "mmlu_text" not in doc["sets"]
+
+    dsaa = tmp_path / "dsaa.yaml"
+    write_config(dsaa, data={"mmlu_data": str(mmlu)}, moshi_paths={"hf_repo_id": str(assets), "moshi_path": str(folder)},
+                 full_finetuning=True, lora={"enable": False}, text_llm={"enable": True})
+    assert script.main([str(dsaa), "--out", str(tmp_path / "out_dsaa"), *common]) == 0
+    doc = json.loads((tmp_path / "out_dsaa" / "base.json").read_text())
+    assert doc["checkpoint"]["model_kind"] == "dsaa"
+    assert doc["sets"]["mmlu"]["n_errors"] == 0
+    text = doc["sets"]["mmlu_text"]
+    assert text["n_errors"] == 0, text["items"][0]["error"]
+    assert list(text["totals"]) == ["llm"] and text["totals"]["llm"]["n"] == 3
+    assert (tmp_path / "out_dsaa" / "subjects.csv").read_text().startswith("checkpoint,set,subject,protocol")
