@@ -140,7 +140,7 @@ class CheckpointRunner:
             with tqdm(total=n, desc=f"{label} {s.metric_prefix}", unit="item", disable=not self.progress) as bar:
                 result = run_set(loaded.lm, s, coder, spec, settings, loaded.device, self.digests[s.metric_prefix],
                                  progress=bar.update)
-            sets[s.metric_prefix.replace("/", "_")] = result
+            sets[s.name] = result
             accs = ", ".join(f"{p} {100 * t['accuracy']:.1f}%" for p, t in result["totals"].items()
                              if t["accuracy"] is not None)
             print(f"{label} {s.metric_prefix}: {accs} ({result['n_items']} items, {result['n_errors']} errors, "

@@ -61,7 +61,7 @@ class TrainingBenchmarks:
         results: dict[str, Any] = {}
         for s in self.sets:
             result = run_set(model, s, self.coder, self.spec, self.args.evaluation, self.device)
-            results[s.metric_prefix.replace("/", "_")] = result
+            results[s.name] = result
             metrics.update(accuracy_metrics(s.metric_prefix, result))
             if result["n_errors"]:
                 logger.warning("evaluation set %s: %d item(s) could not be scored (see evals/step_%d.json)",

@@ -54,17 +54,17 @@ def test_every_checkpoint_kind_evaluates_through_the_script(tmp_path, assets, ca
     kinds = [d["checkpoint"]["model_kind"] for d in docs.values()]
     assert kinds[:2] == ["moshi", "lora"] and kinds[2] in ("merged", "full") and kinds[3] == "full"
     for d in docs.values():
-        result = d["sets"]["slm_swuggy"]
+        result = d["sets"]["swuggy"]
         assert result["n_items"] == 3 and result["n_errors"] == 0
         assert [r["item_id"] for r in result["items"]] == ["0", "1", "2"]
         assert d["protocols"]["fork"]["first_codebook_weight"] == 100.0
         assert d["provenance"]["dataset_digest"].startswith("sha256:")
         assert set(result["totals"]) == {"fork", "standard", "standard_mean"}
     # the LoRA export fused and the merged export hold the same weights: same scores up to the fusing's rounding
-    a, b = (docs[k]["sets"]["slm_swuggy"]["items"] for k in ("checkpoint_000001", "checkpoint_000002"))
+    a, b = (docs[k]["sets"]["swuggy"]["items"] for k in ("checkpoint_000001", "checkpoint_000002"))
     for ra, rb in zip(a, b):
         assert ra["standard"]["scores"]["positive"] == pytest.approx(rb["standard"]["scores"]["positive"], rel=1e-4)
-    assert docs["base"]["sets"]["slm_swuggy"]["items"] != docs["checkpoint_000003"]["sets"]["slm_swuggy"]["items"]
+    assert docs["base"]["sets"]["swuggy"]["items"] != docs["checkpoint_000003"]["sets"]["swuggy"]["items"]
     assert (out / "summary.csv").read_text().count("\n") == 1 + 4 * 3
     assert (out / "accuracy.png").stat().st_size > 0
     assert "items/s" in capsys.readouterr().out
@@ -87,7 +87,7 @@ def test_dsaa_checkpoint_evaluates_through_the_script(tmp_path, assets):
     doc = json.loads((out / "dsaa.json").read_text())  # label: the folder above consolidated/
     assert doc["checkpoint"]["model_kind"] == "dsaa"
     assert doc["settings"]["text_row"] == "pad" and doc["protocols"]["standard"]["streams"] == ["audio", "text"]
-    assert doc["sets"]["slm_swuggy"]["n_errors"] == 0
+    assert doc["sets"]["swuggy"]["n_errors"] == 0
 
 
 def test_mmlu_script_spoken_for_moshi_and_dsaa_and_text_for_the_llm_branch(tmp_path, assets):
