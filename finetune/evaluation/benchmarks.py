@@ -67,10 +67,11 @@ def configured_sets(args: TrainArgs, slm: bool | None = None, cd: bool | None = 
     if mmlu and args.data.mmlu_data.strip():
         root = set_root(args.data.mmlu_data.strip())
         out.append(BenchmarkSet("mmlu", "mmlu", root, read_mmlu_set(root, args.evaluation.mmlu_shots)))
-    names = [s.metric_prefix for s in out]
+    names = [s.name for s in out]
     for n in names:
-        if names.count(n) > 1:
-            raise ValueError(f"two evaluation sets are both named {n!r} (data.cd_data folders must have distinct names)")
+        if names.count(n) > 1 or n == "mmlu_text":
+            raise ValueError(f"two evaluation sets are both named {n!r} (a data.cd_data folder takes its folder's "
+                             "name, which must differ from the others and from swuggy, sblimp, ssc, mmlu, mmlu_text)")
     return out
 
 

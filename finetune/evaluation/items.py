@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from finetune.data.alignments import alignment_path_for, load_alignments
 from finetune.data.codes_cache import CodesStore, FileCodes
@@ -19,6 +20,13 @@ from finetune.data.manifest import ManifestEntry
 
 class ItemError(ValueError):
     """One item cannot be scored (unreadable file, longer than the model's context); others can."""
+
+
+def model_max_frames(model: nn.Module) -> int | None:
+    """Frames one forward can score whole: the attention context, and a DSAA model's LLM positions."""
+    limits = [getattr(model, "context", None), getattr(getattr(model, "text_llm", None), "max_positions", None)]
+    limits = [int(x) for x in limits if x is not None]
+    return min(limits) if limits else None
 
 
 class ItemCoder:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,8 +23,10 @@ from finetune.data.codes_cache import AudioCodec, CodesStore
 from finetune.data.interleaver import Interleaver
 from finetune.data.text_tokenizer import HFTextTokenizer, SentencePieceTextTokenizer, TextTokenizer
 from finetune.evaluation.benchmarks import BenchmarkSet, run_set
-from finetune.evaluation.items import ItemCoder
+from finetune.evaluation.items import ItemCoder, model_max_frames
+from finetune.evaluation.results import set_result
 from finetune.evaluation.scoring import score_spec
+from finetune.evaluation.text_mmlu import LLM, score_text_mmlu
 from finetune.evaluation.training import results_document
 from finetune.model_loading import load_from_config
 from finetune.reporting import folder_digest, provenance, pyplot, save_figure, write_csv, write_json
@@ -94,11 +97,26 @@ class CheckpointRunner:
     """Loads each checkpoint of a config in turn and scores the given sets with it."""
 
     def __init__(self, args: TrainArgs, config_path: Path, sets: list[BenchmarkSet], device: str,
-                 dtype: str | None, progress: bool = True) -> None:
-        self.args, self.config_path, self.sets = args, config_path, sets
+                 dtype: str | None, progress: bool = True, text_mmlu: bool = False) -> None:
+        self.args, self.config_path, self.sets, self.text_mmlu = args, config_path, sets, text_mmlu
         self.device, self.dtype, self.progress = device, dtype, progress
         self.store: CodesStore | None = None
         self.digests = {s.metric_prefix: folder_digest([s.path]) for s in sets}
+
+    def _text_mmlu(self, loaded: LoadedModel, s: BenchmarkSet, label: str) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        n = len(s.data.questions[: self.args.evaluation.mmlu_max_questions])  # type: ignore[union-attr]
+        with tqdm(total=n, desc=f"{label} mmlu_text", unit="item", disable=not self.progress) as bar:
+            records = score_text_mmlu(loaded.lm.text_llm, loaded.text_tokenizer, s.data,  # type: ignore[arg-type]
+                                      self.args.evaluation, loaded.device, progress=bar.update)
+        result = set_result("mmlu", str(s.path), self.digests[s.metric_prefix], records,
+                            time.perf_counter() - start, protocols=(LLM,))
+        t = result["totals"][LLM]
+        if t["accuracy"] is not None:
+            print(f"{label} mmlu_text (LLM branch): {100 * t['accuracy']:.1f}% ({result['items_per_s']:.2f} items/s)")
+        return result
 
     def load(self, checkpoint: str) -> LoadedModel:
         return load_from_config(self.args, None if checkpoint == BASE else checkpoint, self.device,
@@ -112,7 +130,7 @@ class CheckpointRunner:
             self.store = CodesStore(AudioCodec(loaded.mimi, device=loaded.device), self.args.data.cache_dir)
         tokenizer = eval_text_tokenizer(self.args, loaded)
         coder = ItemCoder(self.store, Interleaver(tokenizer, self.store.codec.frame_rate),
-                          getattr(loaded.lm, "context", None))
+                          model_max_frames(loaded.lm))
         settings = self.args.evaluation
         spec = score_spec(loaded.lm, settings, self.args.first_codebook_weight_multiplier)
         sets: dict[str, Any] = {}
@@ -122,11 +140,15 @@ class CheckpointRunner:
             with tqdm(total=n, desc=f"{label} {s.metric_prefix}", unit="item", disable=not self.progress) as bar:
                 result = run_set(loaded.lm, s, coder, spec, settings, loaded.device, self.digests[s.metric_prefix],
                                  progress=bar.update)
-            sets[s.metric_prefix.replace("/", "_")] = result
+            sets[s.name] = result
             accs = ", ".join(f"{p} {100 * t['accuracy']:.1f}%" for p, t in result["totals"].items()
                              if t["accuracy"] is not None)
             print(f"{label} {s.metric_prefix}: {accs} ({result['n_items']} items, {result['n_errors']} errors, "
                   f"{result['items_per_s']:.2f} items/s)")
+        if self.text_mmlu and loaded.kind == "dsaa":
+            for s in self.sets:
+                if s.kind == "mmlu":
+                    sets["mmlu_text"] = self._text_mmlu(loaded, s, label)
         extra = {"config": str(self.config_path),
                  "model_sources": loaded.sources, "protocols": spec.describe(), "device": str(loaded.device),
                  "dtype": str(loaded.dtype).replace("torch.", "")}

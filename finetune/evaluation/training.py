@@ -23,7 +23,7 @@ from finetune.data.interleaver import Interleaver
 from finetune.data.text_tokenizer import TextTokenizer
 from finetune.distributed import is_main
 from finetune.evaluation.benchmarks import configured_sets, run_set
-from finetune.evaluation.items import ItemCoder
+from finetune.evaluation.items import ItemCoder, model_max_frames
 from finetune.evaluation.results import SCHEMA_VERSION, accuracy_metrics
 from finetune.evaluation.scoring import score_spec
 from finetune.reporting import provenance, write_json
@@ -46,7 +46,7 @@ class TrainingBenchmarks:
         self.args = args
         self.sets = configured_sets(args)
         self.device = device
-        self.coder = ItemCoder(store, Interleaver(tokenizer, store.codec.frame_rate), getattr(model, "context", None))
+        self.coder = ItemCoder(store, Interleaver(tokenizer, store.codec.frame_rate), model_max_frames(model))
         self.spec = score_spec(model, args.evaluation, args.first_codebook_weight_multiplier)
         for s in self.sets:
             logger.info("evaluation set %s (%s): %d %s", s.metric_prefix, s.path,
@@ -61,7 +61,7 @@ class TrainingBenchmarks:
         results: dict[str, Any] = {}
         for s in self.sets:
             result = run_set(model, s, self.coder, self.spec, self.args.evaluation, self.device)
-            results[s.metric_prefix.replace("/", "_")] = result
+            results[s.name] = result
             metrics.update(accuracy_metrics(s.metric_prefix, result))
             if result["n_errors"]:
                 logger.warning("evaluation set %s: %d item(s) could not be scored (see evals/step_%d.json)",

@@ -130,10 +130,14 @@ def noise_mmlu_set(root: Path, subjects: int = 2, questions: int = 2) -> Path:
     return noise_set(root, labels)
 
 
+def make_coder(max_frames: int = 200) -> ItemCoder:
+    store = CodesStore(AudioCodec(LevelEncoder(), device="cpu"))
+    return ItemCoder(store, Interleaver(StubTokenizer()), max_frames=max_frames)
+
+
 @pytest.fixture
 def coder() -> ItemCoder:
-    store = CodesStore(AudioCodec(LevelEncoder(), device="cpu"))
-    return ItemCoder(store, Interleaver(StubTokenizer()), max_frames=200)
+    return make_coder()
 
 
 class FakeLM(nn.Module):
@@ -146,6 +150,7 @@ class FakeLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(()))
+        self.forwards = 0  # calls, so a test can check that every rank runs as many
 
     def audio_logits(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -155,6 +160,7 @@ class FakeLM(nn.Module):
         return torch.zeros(B, 1, T, TEXT_CARD)
 
     def forward(self, codes: torch.Tensor) -> LMOutput:
+        self.forwards += 1
         logits = self.audio_logits(codes) + 0 * self.dummy
         mask = codes[:, 1 : 1 + DEP_Q] != -1
         return LMOutput(logits, mask, self.text_logits(codes), codes[:, :1] != -1)

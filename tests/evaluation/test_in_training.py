@@ -33,7 +33,7 @@ def test_tiny_run_logs_eval_loss_and_benchmarks_with_the_protocol_in_the_name(tm
             assert key in e, key
         assert e["slm/swuggy/n"] == 3 and e["cd/cd_qa_m/n"] == 2 and e["mmlu/n"] == 2
     docs = [json.loads((run / "evals" / f"step_{s}.json").read_text()) for s in (2, 4)]
-    for name in ("slm_swuggy", "cd_cd_qa_m", "mmlu"):
+    for name in ("swuggy", "cd_qa_m", "mmlu"):
         ids = [[r["item_id"] for r in d["sets"][name]["items"]] for d in docs]
         assert ids[0] == ids[1] and len(ids[0]) == docs[0]["sets"][name]["n_items"]  # the same items each time
 

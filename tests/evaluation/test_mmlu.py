@@ -105,3 +105,43 @@ def test_reading_the_logits_one_frame_early_is_caught():
     early = token_log_likelihoods(logits.audio.roll(1, dims=2), codes[:, 1:3], logits.audio_mask)  # t read at t-1
     shifted, _ = continuation_log_likelihoods(early, text_ll, P, C)
     assert (shifted < -1e3).all()
+
+
+def test_choice_scores_equal_an_independent_computation_on_the_small_lm(tmp_path, coder):
+    """Each choice's `fork` and `standard` score from ``model(context + choice)`` logits, summed by hand."""
+    import torch.nn.functional as F
+
+    from tests.helpers.models import filled_small_lm
+
+    model = filled_small_lm(context=64)
+    path = mmlu_set(tmp_path / "mmlu", golds=(2, 0), subjects=(0, 1))
+    records = score(model, path, coder, mmlu_text_weight=0.7, mmlu_audio_weight=0.3)
+    mmlu = read_mmlu_set(path, 2)
+    items = mmlu.files.items
+
+    def codes(n, frames=None):
+        c = coder.codes([items[n]], "transcript")[0]
+        return c if frames is None else c[:, :frames]
+
+    for rec, q in zip(records, mmlu.questions):
+        parts = [codes(4)] + [x for n in mmlu.shots[q.subject] for x in (codes(n), codes(mmlu.files.extra[n].number, 4))]
+        context = torch.cat(parts + [codes(q.index)], dim=-1)
+        P = context.shape[-1]
+        for c, letter in enumerate("ABCD"):
+            x = torch.cat([context, codes(c, 4)], dim=-1)[None]
+            out = model(x)
+            text = audio_sum = 0.0
+            per_codebook = []
+            for t in range(P, P + 4):
+                if out.text_mask[0, 0, t]:
+                    text -= F.cross_entropy(out.text_logits[0, 0, t][None], x[0, 0, t][None]).item()
+            for k in range(model.dep_q):
+                s = 0.0
+                for t in range(P, P + 4):
+                    if out.mask[0, k, t]:
+                        s -= F.cross_entropy(out.logits[0, k, t][None], x[0, 1 + k, t][None]).item()
+                per_codebook.append(s)
+                audio_sum += s
+            # float32 log-softmax of 32..100 logits, 4 frames: rounding well below 1e-4
+            assert rec["fork"]["scores"][letter] == pytest.approx(0.7 * text + 0.3 * audio_sum / model.dep_q, abs=1e-4)
+            assert rec["standard"]["scores"][letter] == pytest.approx(text + audio_sum, abs=1e-4)

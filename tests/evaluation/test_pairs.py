@@ -175,3 +175,35 @@ def test_stray_files_do_not_shift_pairs(tmp_path, coder):
     (path / "zz_other.jsonl").write_text(json.dumps({"path": "data_stereo/0.wav", "duration": 0.5}) + "\n")
     (path / "a_notes.txt").write_text("{\"file_index\": 0, \"number\": 0}\n")
     assert [(p.item_id, p.positive, p.negative) for p in read_pair_set(path).pairs] == before
+
+
+@pytest.mark.slow
+def test_two_ranks_score_every_pair_once_and_gather_them_in_id_order(tmp_path, coder):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from finetune.evaluation.benchmarks import BenchmarkSet, run_set
+    from tests.helpers.tiny_run import REPO
+
+    items, extra = pair_items(5)
+    path = write_set(tmp_path / "set", items, extra)
+    (path / "data_stereo" / "8.wav").write_bytes(b"not audio")  # pair 4: rank 0's second batch has nothing to score
+    settings = EvalArgs(pairs_per_batch=2)
+    model = CopyLM()
+    bset = BenchmarkSet("swuggy", "slm", path, read_pair_set(path))
+    single = run_set(model, bset, coder, score_spec(model, settings, 1.0), settings, CPU)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(port), "-m", "tests.evaluation.shard_run", str(path), str(out)], cwd=REPO,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["world"] == 2
+    assert got["forwards"] == 2  # rank 0: batches (0, 2) and (4); the second forward runs on a placeholder
+    assert got["result"]["items"] == single["items"]
+    assert got["result"]["totals"] == single["totals"]
