@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from data_tools.synth import load_script
+from helpers import checkpoints as ck
 from helpers.checkpoints import lora_lm, write_moshi_export
 from helpers.tiny_run import make_tiny_assets, tiny_config
 
@@ -20,9 +21,13 @@ from finetune.model_family import model_family
 from finetune.model_loading import load_from_config
 
 
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_assets(tmp_path_factory.mktemp("assets"), files=1, eval_files=2)
+
+
 @pytest.mark.slow
-def test_evaluate_base_and_lora_checkpoint(tmp_path: Path) -> None:
-    assets = make_tiny_assets(tmp_path / "assets", files=1, eval_files=2)
+def test_evaluate_base_and_lora_checkpoint(tmp_path: Path, assets: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(assets, tmp_path / "run", eval_batches=2)))
     ckpt = write_moshi_export(tmp_path / "run", assets, lora_lm(assets), "lora")
@@ -56,3 +61,22 @@ def test_evaluate_base_and_lora_checkpoint(tmp_path: Path) -> None:
     with open(out / "metrics.csv", newline="") as f:
         assert [r["checkpoint"] for r in csv.DictReader(f)] == ["base", ckpt.name]
     assert (out / "codebooks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_evaluate_dsaa_checkpoint(tmp_path: Path, assets: Path) -> None:
+    from tests.dsaa.tiny_llm import tiny_dsaa, train_tokenizer
+
+    model = tiny_dsaa(card=64, n_q=8, dep_q=4, delays=[0] + [0, 1, 1, 1] * 2, context=32)
+    folder = ck.write_dsaa_checkpoint(tmp_path / "dsaa" / "consolidated", model, train_tokenizer())
+    cfg = tiny_config(assets, tmp_path / "run", eval_batches=1, full_finetuning=True)
+    cfg.update(lora={"enable": False},
+               text_llm={"enable": True, "pad_token": " ", "epad_token": "<|im_end|>", "bos_token": "<|im_start|>"},
+               moshi_paths={"hf_repo_id": str(assets), "moshi_path": str(folder)})
+    config = tmp_path / "dsaa.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert load_script("evaluate").main([str(config), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())["metrics"]["base"]
+    assert m["batches"] == 1 and len(m["codebooks"]) == 4
+    assert m["text_positions"] > m["text_positions_no_pad"] > 0  # the transcript's words went through the LLM's tokenizer
