@@ -35,7 +35,7 @@ from finetune.evaluation.scoring import (
     STANDARD_MEAN,
     ScoreSpec,
     forward_logits,
-    stream_log_likelihoods,
+    token_log_likelihoods,
 )
 
 
@@ -149,8 +149,13 @@ def score_mmlu(
                 continue
             P = context.shape[-1]
             x = torch.stack([torch.cat([context, clip], dim=-1) for clip in contexts.clips]).to(device)
-            audio_ll, text_ll, _ = stream_log_likelihoods(forward_logits(model, x, True), x)
+            logits = forward_logits(model, x, True, text_frames=slice(P, P + C))
             forwards += 1
+            dep_q = logits.audio.shape[1]
+            audio_ll = token_log_likelihoods(logits.audio, x[:, 1 : 1 + dep_q], logits.audio_mask)
+            text_ll = torch.zeros(x.shape[0], x.shape[-1], device=x.device)
+            text_ll[:, P : P + C] = token_log_likelihoods(logits.text[:, 0], x[:, 0, P : P + C],  # type: ignore[index]
+                                                          logits.text_mask[:, 0])
             audio_sums, text_sums = continuation_log_likelihoods(audio_ll, text_ll, P, C)
             for p, scores in choice_scores(audio_sums, text_sums, spec, settings, C).items():
                 credit, predicted = choice_correct(scores, q.gold)
