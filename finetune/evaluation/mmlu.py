@@ -27,7 +27,7 @@ from torch import nn
 
 from finetune.args import EvalArgs
 from finetune.evaluation.items import ItemCoder, ItemError
-from finetune.evaluation.layout import CHOICE_LETTERS, MmluQuestion, MmluSet
+from finetune.evaluation.layout import CHOICE_LETTERS, MmluQuestion, MmluSet, relative_name
 from finetune.evaluation.results import choice_correct
 from finetune.evaluation.scoring import (
     FORK,
@@ -121,8 +121,7 @@ def score_mmlu(
     try:
         for q in questions:
             e = files.items[q.index]
-            rec: dict[str, Any] = {"item_id": str(q.index), "file": str(e.path.relative_to(files.root))
-                                   if e.path.is_relative_to(files.root) else str(e.path),
+            rec: dict[str, Any] = {"item_id": str(q.index), "file": relative_name(e.path, files.root),
                                    "subject_index": q.subject, "gold": q.gold,
                                    "groups": {"subject": str(q.subject)}}
             (question,) = coder.codes([e], settings.mmlu_text_row)
