@@ -106,6 +106,11 @@ def set_root(path: str | os.PathLike) -> Path:
     return p
 
 
+def relative_name(path: Path, root: Path) -> str:
+    """A file's name as results record it: relative to the set folder (so results compare across machines)."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def _item_number(entry: ManifestEntry) -> int:
     stem = entry.path.stem
     if not stem.isdigit():

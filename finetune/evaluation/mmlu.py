@@ -27,7 +27,7 @@ from torch import nn
 
 from finetune.args import EvalArgs
 from finetune.evaluation.items import ItemCoder, ItemError
-from finetune.evaluation.layout import CHOICE_LETTERS, MmluQuestion, MmluSet
+from finetune.evaluation.layout import CHOICE_LETTERS, MmluQuestion, MmluSet, relative_name
 from finetune.evaluation.results import choice_correct
 from finetune.evaluation.scoring import (
     FORK,
@@ -35,7 +35,7 @@ from finetune.evaluation.scoring import (
     STANDARD_MEAN,
     ScoreSpec,
     forward_logits,
-    stream_log_likelihoods,
+    token_log_likelihoods,
 )
 
 
@@ -121,8 +121,7 @@ def score_mmlu(
     try:
         for q in questions:
             e = files.items[q.index]
-            rec: dict[str, Any] = {"item_id": str(q.index), "file": str(e.path.relative_to(files.root))
-                                   if e.path.is_relative_to(files.root) else str(e.path),
+            rec: dict[str, Any] = {"item_id": str(q.index), "file": relative_name(e.path, files.root),
                                    "subject_index": q.subject, "gold": q.gold,
                                    "groups": {"subject": str(q.subject)}}
             (question,) = coder.codes([e], settings.mmlu_text_row)
@@ -149,8 +148,13 @@ def score_mmlu(
                 continue
             P = context.shape[-1]
             x = torch.stack([torch.cat([context, clip], dim=-1) for clip in contexts.clips]).to(device)
-            audio_ll, text_ll, _ = stream_log_likelihoods(forward_logits(model, x, True), x)
+            logits = forward_logits(model, x, True, text_frames=slice(P, P + C))
             forwards += 1
+            dep_q = logits.audio.shape[1]
+            audio_ll = token_log_likelihoods(logits.audio, x[:, 1 : 1 + dep_q], logits.audio_mask)
+            text_ll = torch.zeros(x.shape[0], x.shape[-1], device=x.device)
+            text_ll[:, P : P + C] = token_log_likelihoods(logits.text[:, 0], x[:, 0, P : P + C],  # type: ignore[index]
+                                                          logits.text_mask[:, 0])
             audio_sums, text_sums = continuation_log_likelihoods(audio_ll, text_ll, P, C)
             for p, scores in choice_scores(audio_sums, text_sums, spec, settings, C).items():
                 credit, predicted = choice_correct(scores, q.gold)

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from finetune.evaluation.items import ItemCoder, ItemError, pad_batch
-from finetune.evaluation.layout import Pair, PairSet
+from finetune.evaluation.layout import EvalSetFiles, Pair, PairSet, relative_name
 from finetune.evaluation.results import pair_record
 from finetune.evaluation.scoring import ScoreSpec, forward_logits, item_scores
-
-
-def _relative(path: Any, root: Any) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 @torch.no_grad()
@@ -86,11 +80,11 @@ def score_pairs(
     return records
 
 
-def _record(p: Pair, files: Any, root: Any, scores: dict[str, dict[str, float]] | None,
+def _record(p: Pair, files: EvalSetFiles, root: Path, scores: dict[str, dict[str, float]] | None,
             frames: tuple[int, int] | None, error: str | None) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "files": {"positive": _relative(files.items[p.positive].path, root),
-                  "negative": _relative(files.items[p.negative].path, root)},
+        "files": {"positive": relative_name(files.items[p.positive].path, root),
+                  "negative": relative_name(files.items[p.negative].path, root)},
         "file_index": {"positive": p.positive, "negative": p.negative},
     }
     if frames is not None:

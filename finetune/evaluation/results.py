@@ -81,6 +81,15 @@ def set_result(kind: str, path: str, dataset_digest: str | None, records: list[d
     }
 
 
+def results_document(kind: str, checkpoint: Mapping[str, Any], provenance: Mapping[str, Any],
+                     protocols: Mapping[str, Any], settings: Mapping[str, Any], sets: Mapping[str, Any]
+                     ) -> dict[str, Any]:
+    """A whole results file: one checkpoint, every set scored with it."""
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "checkpoint": dict(checkpoint),
+            "provenance": dict(provenance), "protocols": dict(protocols), "settings": dict(settings),
+            "sets": dict(sets)}
+
+
 def accuracy_metrics(prefix: str, result: Mapping[str, Any]) -> dict[str, float]:
     """Flat metrics of one set (``{prefix}/{protocol}_acc``), for the training logs."""
     out: dict[str, float] = {}

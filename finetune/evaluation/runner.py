@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from finetune.args import ConfigError, TrainArgs, evaluation_key_errors
 from finetune.data.codes_cache import AudioCodec, CodesStore
@@ -24,10 +25,9 @@ from finetune.data.interleaver import Interleaver
 from finetune.data.text_tokenizer import HFTextTokenizer, SentencePieceTextTokenizer, TextTokenizer
 from finetune.evaluation.benchmarks import BenchmarkSet, run_set
 from finetune.evaluation.items import ItemCoder, model_max_frames
-from finetune.evaluation.results import set_result
+from finetune.evaluation.results import results_document, set_result
 from finetune.evaluation.scoring import score_spec
 from finetune.evaluation.text_mmlu import LLM, score_text_mmlu
-from finetune.evaluation.training import results_document
 from finetune.model_loading import load_from_config
 from finetune.reporting import folder_digest, provenance, pyplot, save_figure, write_csv, write_json
 from moshi.models.model_loading import LoadedModel
@@ -104,8 +104,6 @@ class CheckpointRunner:
         self.digests = {s.metric_prefix: folder_digest([s.path]) for s in sets}
 
     def _text_mmlu(self, loaded: LoadedModel, s: BenchmarkSet, label: str) -> dict[str, Any]:
-        from tqdm import tqdm
-
         start = time.perf_counter()
         n = len(s.data.questions[: self.args.evaluation.mmlu_max_questions])  # type: ignore[union-attr]
         with tqdm(total=n, desc=f"{label} mmlu_text", unit="item", disable=not self.progress) as bar:
@@ -123,8 +121,6 @@ class CheckpointRunner:
                                 None if self.dtype in (None, "auto") else self.dtype)
 
     def evaluate(self, checkpoint: str, label: str, kind: str = "slm") -> dict[str, Any]:
-        from tqdm import tqdm
-
         loaded = self.load(checkpoint)
         if self.store is None:
             self.store = CodesStore(AudioCodec(loaded.mimi, device=loaded.device), self.args.data.cache_dir)

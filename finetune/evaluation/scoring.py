@@ -88,17 +88,22 @@ class Logits:
     text_mask: torch.Tensor  # [B, 1, T]
 
 
-def forward_logits(model: nn.Module, codes: torch.Tensor, need_text: bool) -> Logits:
+def forward_logits(model: nn.Module, codes: torch.Tensor, need_text: bool, text_frames: slice | None = None
+                   ) -> Logits:
     """One teacher-forced forward: `forward_train` when the model has it (the form FSDP runs), else `model(codes)`.
 
-    The text head is applied only when its logits are needed: it is the largest matmul of the model.
+    The text head is applied only when its logits are needed, and with ``text_frames`` only on those frames
+    (`text` and `text_mask` then cover just them): with an LLM's vocabulary it is the largest matmul and
+    its logits the largest tensor of the model.
     """
+    frames = text_frames if text_frames is not None else slice(None)
     if hasattr(model, "forward_train"):
         out = model.forward_train(codes)
-        text = out.full_text_logits() if need_text else None
-        return Logits(out.logits, out.mask, text, out.text_mask)
+        text = out.text_head(out.text_hidden[:, :, frames]) if need_text else None
+        return Logits(out.logits, out.mask, text, out.text_mask[:, :, frames])
     out = model(codes)
-    return Logits(out.logits, out.mask, out.text_logits if need_text else None, out.text_mask)
+    return Logits(out.logits, out.mask, out.text_logits[:, :, frames] if need_text else None,
+                  out.text_mask[:, :, frames])
 
 
 def token_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

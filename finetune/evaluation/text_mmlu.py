@@ -70,6 +70,8 @@ def score_text_mmlu(llm: nn.Module, tokenizer: Any, mmlu: MmluSet, settings: Eva
             if settings.mmlu_long_context == "refuse":
                 rec["error"] = f"prompt of question {q.index} has {len(ids)} tokens, more than the LLM's {limit}"
                 records.append(rec)
+                if progress:
+                    progress(1)
                 continue
             ids = ids[len(ids) + longest - limit :]
         scores = answer_log_likelihoods(llm, ids, answers, device)

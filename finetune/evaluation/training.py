@@ -24,18 +24,11 @@ from finetune.data.text_tokenizer import TextTokenizer
 from finetune.distributed import is_main
 from finetune.evaluation.benchmarks import configured_sets, run_set
 from finetune.evaluation.items import ItemCoder, model_max_frames
-from finetune.evaluation.results import SCHEMA_VERSION, accuracy_metrics
+from finetune.evaluation.results import accuracy_metrics, results_document
 from finetune.evaluation.scoring import score_spec
 from finetune.reporting import provenance, write_json
 
 logger = logging.getLogger(__name__)
-
-
-def results_document(kind: str, checkpoint: dict[str, Any], provenance: dict[str, Any], protocols: dict[str, Any],
-                     settings: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
-    """A results file (schema in `docs/evaluation.md`)."""
-    return {"schema_version": SCHEMA_VERSION, "kind": kind, "checkpoint": checkpoint, "provenance": provenance,
-            "protocols": protocols, "settings": settings, "sets": sets}
 
 
 class TrainingBenchmarks:
@@ -52,9 +45,6 @@ class TrainingBenchmarks:
             logger.info("evaluation set %s (%s): %d %s", s.metric_prefix, s.path,
                         len(s.data.pairs) if s.kind == "pairs" else len(s.data.questions),  # type: ignore[union-attr]
                         "pairs" if s.kind == "pairs" else "questions")
-
-    def __bool__(self) -> bool:
-        return bool(self.sets)
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
