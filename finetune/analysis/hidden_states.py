@@ -1,0 +1,345 @@
+"""Per-frame hidden states of a Moshi or DSAA model, recorded by forward hooks during one teacher-forced pass.
+
+Streams (each ``[B, T, dim]`` at the model's time steps; position ``t`` is the state that predicts frame
+``t``'s text token):
+
+- ``layer.{i}``: output of temporal transformer layer ``i``;
+- ``out_norm`` (Moshi) / ``a`` (DSAA): the temporal transformer's output after ``out_norm``;
+- DSAA only: ``h`` (the frozen LLM's final-norm state), ``text_proj`` (the text projector's output, what the
+  text head reads), ``alpha_fusion`` (its learned correction ``alpha * fusion([h, a])``, so
+  ``text_proj = h + alpha_fusion``) and ``dep_proj.{k}`` (the input the depformer reads at step ``k``).
+
+Which streams can change when the model trains is recorded per stream: under DSAA's default groups the
+temporal transformer and the LLM are frozen, so ``layer.*``, ``a`` and ``h`` are identical for every
+checkpoint of a run, and only the projector streams move. A Moshi LoRA or full fine-tune changes them all.
+
+The rows stored per frame are only the frames with real audio and text (not the ``-1`` zero-token frames
+after the end of a file), with their file, frame index in the file, time, text token and PAD/EPAD/speech masks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.analysis.shards import ShardWriter
+from moshi.models.dsaa import dsaa_param_group_prefixes, is_dsaa
+
+META_COLUMNS = ("file", "frame", "time", "text", "pad", "epad", "speech")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    module: str  # the hooked module
+    dim: int
+    depends_on_training: bool
+
+
+def _frozen_prefixes(model: nn.Module, only_text: bool, frozen_modules: Sequence[str]) -> tuple[str, ...]:
+    if not is_dsaa(model):
+        return ()
+    return dsaa_param_group_prefixes(model, only_text, frozen_modules)["frozen"]
+
+
+def stream_specs(
+    model: nn.Module,
+    layers: Sequence[int] | None = None,
+    *,
+    only_text: bool = False,
+    frozen_modules: Sequence[str] = (),
+    trained: bool = True,
+) -> list[StreamSpec]:
+    """The streams of ``model``: the chosen temporal layers (negative indices count from the end; None: all),
+    ``out_norm``/``a`` and, for DSAA, ``h``, ``text_proj``, ``alpha_fusion`` and ``dep_proj.{k}``.
+
+    Args:
+        only_text, frozen_modules: the run's ``only_text`` and ``text_llm.frozen_modules`` (DSAA groups).
+        trained (bool): whether the run trained anything of a Moshi model (LoRA or full fine-tuning).
+    """
+    n_layers = len(model.transformer.layers)
+    chosen = range(n_layers) if layers is None else layers
+    indices = []
+    for i in chosen:
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise ValueError(f"--layers: layer {i} does not exist (the temporal transformer has {n_layers})")
+        if j not in indices:
+            indices.append(j)
+    frozen = _frozen_prefixes(model, only_text, frozen_modules)
+
+    def changes(*prefixes: str) -> bool:
+        if not is_dsaa(model):
+            return trained
+        return any(not any(p == f or p.startswith(f + ".") for f in frozen) for p in prefixes)
+
+    temporal = ("emb", "transformer")
+    specs = [StreamSpec(f"layer.{j}", f"transformer.layers.{j}", model.dim, changes(*temporal)) for j in indices]
+    if not is_dsaa(model):
+        return specs + [StreamSpec("out_norm", "out_norm", model.dim, trained)]
+    text_dim = model.text_projector.text_dim
+    specs += [
+        StreamSpec("a", "out_norm", model.dim, changes(*temporal, "out_norm")),
+        StreamSpec("h", "text_llm", text_dim, False),
+        StreamSpec("text_proj", "text_projector", text_dim, changes("text_projector")),
+        StreamSpec("alpha_fusion", "text_projector.fusion", text_dim, changes("text_projector")),
+    ]
+    for k in range(model.dep_q):
+        module = f"depformer_projectors.{model.depformer_input_index(k)}"
+        specs.append(StreamSpec(f"dep_proj.{k}", module, model.depformer_dim, changes("depformer_projectors")))
+    return specs
+
+
+class StateRecorder:
+    """Forward hooks that keep the outputs of the streams' modules during :meth:`recording`.
+
+    A module called several times in one pass (a depformer projector shared by several steps) yields its
+    outputs in call order, which is step order.
+    """
+
+    def __init__(self, model: nn.Module, specs: Sequence[StreamSpec]) -> None:
+        self.model = model
+        self.specs = list(specs)
+        modules = dict(model.named_modules())
+        missing = sorted({s.module for s in self.specs} - set(modules))
+        if missing:
+            raise ValueError(f"the model has no module(s) {missing} to record")
+        self._modules = modules
+        self._calls: dict[str, list[torch.Tensor]] = {}
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._calls.setdefault(name, []).append(output.detach())
+        return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[StateRecorder]:
+        self._calls = {}
+        handles = [self._modules[m].register_forward_hook(self._hook(m)) for m in {s.module for s in self.specs}]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def states(self) -> dict[str, torch.Tensor]:
+        """``name -> [B, T, dim]`` of the last recorded pass."""
+        out: dict[str, torch.Tensor] = {}
+        used: dict[str, int] = {}
+        for s in self.specs:
+            calls = self._calls.get(s.module, [])
+            if s.name == "alpha_fusion":
+                out[s.name] = self.model.text_projector.alpha.detach() * calls[0]
+                continue
+            i = used.get(s.module, 0)
+            if i >= len(calls):
+                raise RuntimeError(f"module {s.module} ran {len(calls)} time(s); stream {s.name} found no output")
+            out[s.name] = calls[i]
+            if s.name.startswith("dep_proj."):
+                used[s.module] = i + 1
+        return out
+
+
+@torch.no_grad()
+def recorded_forward(model: nn.Module, recorder: StateRecorder, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One teacher-forced pass of ``model`` on ``codes [B, K, T]``, returning the recorded streams."""
+    with recorder.recording():
+        model(codes)
+        return recorder.states()
+
+
+@dataclass
+class BatchInfo:
+    """Where the samples of a batch come from: file name and first frame of each sample."""
+
+    index: int
+    codes: torch.Tensor  # [B, K, T]
+    files: list[str]
+    start_frames: list[int]
+
+
+def frame_rows(
+    states: dict[str, torch.Tensor],
+    batch: BatchInfo,
+    file_index: Callable[[str], int],
+    *,
+    frame_rate: float,
+    pad_id: int,
+    epad_id: int,
+    zero_id: int = -1,
+    keep: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Flattens ``[B, T, dim]`` streams to rows of the valid frames, with the per-frame columns.
+
+    A frame is valid when its text token and the model's first audio codebook are not the zero token.
+    ``keep`` (bool ``[B, T]``) further selects frames (subsampling).
+    """
+    codes = batch.codes
+    B, _, T = codes.shape
+    text = codes[:, 0].cpu()
+    valid = (text != zero_id) & (codes[:, 1].cpu() != zero_id)
+    if keep is not None:
+        valid &= keep.cpu()
+    b_idx, t_idx = torch.nonzero(valid, as_tuple=True)
+    files = torch.tensor([file_index(f) for f in batch.files], dtype=torch.int32)
+    starts = torch.tensor(batch.start_frames, dtype=torch.int64)
+    frame = starts[b_idx] + t_idx
+    tokens = text[b_idx, t_idx]
+    pad, epad = tokens == pad_id, tokens == epad_id
+    rows = {
+        "file": files[b_idx],
+        "frame": frame.to(torch.int32),
+        "time": (frame.to(torch.float64) / frame_rate).to(torch.float32),
+        "text": tokens.to(torch.int64),
+        "pad": pad.to(torch.uint8),
+        "epad": epad.to(torch.uint8),
+        "speech": (~pad & ~epad).to(torch.uint8),
+    }
+    for name, x in states.items():
+        if x.shape[:2] != (B, T):
+            raise RuntimeError(f"stream {name} has shape {tuple(x.shape)}, expected [{B}, {T}, ...]")
+        rows[name] = x[b_idx.to(x.device), t_idx.to(x.device)]
+    return rows
+
+
+@dataclass
+class Timing:
+    plain_s: float = 0.0
+    extract_s: float = 0.0
+    write_s: float = 0.0
+    batches: int = 0
+
+    @property
+    def overhead(self) -> float:
+        """Extraction time over the plain forward time, minus 1 (0.05 = 5 % slower)."""
+        return self.extract_s / self.plain_s - 1.0 if self.plain_s > 0 else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"plain_forward_s": self.plain_s, "extraction_s": self.extract_s, "write_s": self.write_s,
+                "timed_batches": self.batches, "overhead": self.overhead}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def extract(
+    model: nn.Module,
+    specs: Sequence[StreamSpec],
+    batches: Iterable[BatchInfo],
+    writer: ShardWriter,
+    *,
+    frame_rate: float,
+    pad_id: int,
+    epad_id: int,
+    timed_batches: int = 0,
+    progress: Callable[[Iterable[BatchInfo]], Iterable[BatchInfo]] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Timing:
+    """Records the streams of every batch not yet in ``writer`` and stores their valid frames.
+
+    For the first ``timed_batches`` new batches a plain forward (no hooks) also runs on the same batch, so the
+    extraction's cost (hooked forward plus moving the rows to the host in the storage dtype) can be compared
+    with a plain forward; the disk writes are timed apart.
+
+    Raises:
+        shards.BudgetReached: the size budget was reached (what was written stays valid).
+    """
+    recorder = StateRecorder(model, specs)
+    names = [s.name for s in specs]
+    device = next(model.parameters()).device
+    timing = Timing()
+    done = writer.done_batches
+    todo = (b for b in batches if b.index not in done)
+    for batch in progress(todo) if progress is not None else todo:
+        batch = replace(batch, codes=batch.codes.to(device))
+        timed = timing.batches < timed_batches
+        if timed:
+            with torch.no_grad():
+                _sync(device)
+                t0 = time.perf_counter()
+                model(batch.codes)
+                _sync(device)
+                timing.plain_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        states = recorded_forward(model, recorder, batch.codes)
+        rows = frame_rows(states, batch, writer.file_index, frame_rate=frame_rate, pad_id=pad_id, epad_id=epad_id)
+        rows = {k: (v.to("cpu", writer.stream_dtype) if k in names else v) for k, v in rows.items()}
+        t1 = time.perf_counter()
+        writer.add(batch.index, rows, names)
+        t2 = time.perf_counter()
+        if timed:
+            timing.extract_s += t1 - t0
+            timing.batches += 1
+        timing.write_s += t2 - t1
+        if on_batch is not None:
+            on_batch(batch.index)
+    return timing
+
+
+def header_streams(specs: Sequence[StreamSpec]) -> dict[str, dict[str, Any]]:
+    return {s.name: {"dim": s.dim, "module": s.module, "depends_on_training": s.depends_on_training}
+            for s in specs}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches of a training config
+
+
+def config_batches(
+    args: Any,
+    tokenizer: Any,
+    mimi: nn.Module,
+    *,
+    split: str = "eval",
+    batch_size: int | None = None,
+    max_batches: int | None = None,
+    duration_sec: float | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[Iterator[BatchInfo], int, float]:
+    """Finite, deterministic batches of the config's eval or train data through the training data pipeline.
+
+    The chunks are the eval loader's (file order, no augmentation, rank ``r`` of ``W`` takes every ``W``-th
+    chunk); ``split="train"`` reads ``data.train_data`` the same way. Batch indices count per rank.
+
+    Returns:
+        ``(batches, number of batches, frame rate)``.
+    """
+    from finetune.data.dataset import build_codes_store, build_eval_loader
+
+    if split not in ("eval", "train"):
+        raise ValueError(f"--split must be eval or train, got {split!r}")
+    data = args.data
+    if split == "train":
+        data = replace(data, eval_data=data.train_data)
+    changes: dict[str, Any] = {"data": data}
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    if max_batches is not None:
+        changes["eval_batches"] = max_batches * world_size
+    if duration_sec is not None:
+        changes["eval_duration_sec"] = duration_sec
+    run_args = replace(args, **changes)
+    store = build_codes_store(run_args, mimi, device=device)
+    loader = build_eval_loader(run_args, tokenizer, store, rank, world_size)
+
+    def generate() -> Iterator[BatchInfo]:
+        for i, batch in enumerate(loader):
+            files, starts = [], []
+            for src, chunk in zip(batch.source, batch.chunk):
+                source = loader.sources[src]
+                c = source.chunks[chunk]
+                files.append(str(source.entries[c.file].path))
+                starts.append(c.start_frame)
+            yield BatchInfo(i, batch.codes, files, starts)
+
+    return generate(), len(loader), store.codec.frame_rate
