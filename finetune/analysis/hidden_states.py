@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -232,7 +233,7 @@ def _sync(device: torch.device) -> None:
 
 def extract(
     model: nn.Module,
-    specs: Sequence[StreamSpec],
+    compute: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     batches: Iterable[BatchInfo],
     writer: ShardWriter,
     *,
@@ -240,20 +241,26 @@ def extract(
     pad_id: int,
     epad_id: int,
     timed_batches: int = 0,
+    keep: Callable[[BatchInfo], torch.Tensor] | None = None,
+    extra_columns: Callable[[BatchInfo, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     progress: Callable[[Iterable[BatchInfo]], Iterable[BatchInfo]] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Timing:
-    """Records the streams of every batch not yet in ``writer`` and stores their valid frames.
+    """Stores ``compute(codes)`` (``name -> [B, T, dim]``) for the valid frames of every batch not yet in
+    ``writer``.
 
-    For the first ``timed_batches`` new batches a plain forward (no hooks) also runs on the same batch, so the
-    extraction's cost (hooked forward plus moving the rows to the host in the storage dtype) can be compared
-    with a plain forward; the disk writes are timed apart.
+    For the first ``timed_batches`` new batches a plain forward (``model(codes)``, no hooks) also runs on the
+    same batch, so the extraction's cost (``compute`` plus moving the rows to the host in the storage dtype)
+    can be compared with it; the disk writes are timed apart.
+
+    Args:
+        keep: selects frames of a batch (bool ``[B, T]``), e.g. a seeded subsample.
+        extra_columns: more per-row columns from the batch and its rows (e.g. the held-out flag).
+        on_batch: called with each batch index once the batch is handed to the writer.
 
     Raises:
         shards.BudgetReached: the size budget was reached (what was written stays valid).
     """
-    recorder = StateRecorder(model, specs)
-    names = [s.name for s in specs]
     device = next(model.parameters()).device
     timing = Timing()
     done = writer.done_batches
@@ -268,12 +275,17 @@ def extract(
                 model(batch.codes)
                 _sync(device)
                 timing.plain_s += time.perf_counter() - t0
+        _sync(device)
         t0 = time.perf_counter()
-        states = recorded_forward(model, recorder, batch.codes)
-        rows = frame_rows(states, batch, writer.file_index, frame_rate=frame_rate, pad_id=pad_id, epad_id=epad_id)
-        rows = {k: (v.to("cpu", writer.stream_dtype) if k in names else v) for k, v in rows.items()}
+        with torch.no_grad():
+            states = compute(batch.codes)
+        rows = frame_rows(states, batch, writer.file_index, frame_rate=frame_rate, pad_id=pad_id, epad_id=epad_id,
+                          keep=None if keep is None else keep(batch))
+        rows = {k: (v.to("cpu", writer.stream_dtype) if k in states else v) for k, v in rows.items()}
         t1 = time.perf_counter()
-        writer.add(batch.index, rows, names)
+        if extra_columns is not None:
+            rows.update(extra_columns(batch, rows))
+        writer.add(batch.index, rows, list(states))
         t2 = time.perf_counter()
         if timed:
             timing.extract_s += t1 - t0
@@ -282,6 +294,12 @@ def extract(
         if on_batch is not None:
             on_batch(batch.index)
     return timing
+
+
+def hidden_state_fn(model: nn.Module, specs: Sequence[StreamSpec]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """``codes -> streams`` by one hooked forward (the ``compute`` of :func:`extract`)."""
+    recorder = StateRecorder(model, specs)
+    return lambda codes: recorded_forward(model, recorder, codes)
 
 
 def header_streams(specs: Sequence[StreamSpec]) -> dict[str, dict[str, Any]]:
@@ -305,16 +323,19 @@ def config_batches(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str | None = None,
+    augment: bool = False,
 ) -> tuple[Iterator[BatchInfo], int, float]:
     """Finite, deterministic batches of the config's eval or train data through the training data pipeline.
 
     The chunks are the eval loader's (file order, no augmentation, rank ``r`` of ``W`` takes every ``W``-th
-    chunk); ``split="train"`` reads ``data.train_data`` the same way. Batch indices count per rank.
+    chunk); ``split="train"`` reads ``data.train_data`` the same way. With ``augment`` the first
+    ``max_batches`` batches of the training loader are used instead (its seeded order and ``data.aug``
+    augmentations). Batch indices count per rank.
 
     Returns:
         ``(batches, number of batches, frame rate)``.
     """
-    from finetune.data.dataset import build_codes_store, build_eval_loader
+    from finetune.data.dataset import build_codes_store, build_eval_loader, build_train_loader
 
     if split not in ("eval", "train"):
         raise ValueError(f"--split must be eval or train, got {split!r}")
@@ -330,10 +351,17 @@ def config_batches(
         changes["eval_duration_sec"] = duration_sec
     run_args = replace(args, **changes)
     store = build_codes_store(run_args, mimi, device=device)
-    loader = build_eval_loader(run_args, tokenizer, store, rank, world_size)
+    if augment:
+        if max_batches is None:
+            raise ValueError("--augment reads the endless training loader: give --max-batches")
+        loader: Any = build_train_loader(run_args, tokenizer, store, rank, world_size)
+        count = max_batches
+    else:
+        loader = build_eval_loader(run_args, tokenizer, store, rank, world_size)
+        count = len(loader)
 
     def generate() -> Iterator[BatchInfo]:
-        for i, batch in enumerate(loader):
+        for i, batch in zip(range(count), loader):
             files, starts = [], []
             for src, chunk in zip(batch.source, batch.chunk):
                 source = loader.sources[src]
@@ -342,4 +370,42 @@ def config_batches(
                 starts.append(c.start_frame)
             yield BatchInfo(i, batch.codes, files, starts)
 
-    return generate(), len(loader), store.codec.frame_rate
+    return generate(), count, store.codec.frame_rate
+
+
+def script_device(name: str) -> torch.device:
+    """``--device``: auto/cpu/cuda pick ``cuda:LOCAL_RANK`` under torchrun; an explicit ``cuda:N`` is kept."""
+    from finetune.distributed import select_device
+
+    return select_device(name) if name in ("auto", "cpu", "cuda") else torch.device(name)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (torchrun's ``RANK``/``WORLD_SIZE``; 0 and 1 alone)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_for_analysis(
+    config: str | Path, checkpoint: str | Path | None, device: torch.device, dtype: str | None
+) -> tuple[Any, Any, Any]:
+    """``(TrainArgs, LoadedModel, text tokenizer)`` of a training config and optionally one of its checkpoints.
+
+    The tokenizer is the one the run's data pipeline uses (the model family's), so the text rows are the
+    training ones.
+    """
+    from finetune.args import TrainArgs
+    from finetune.model_build import resolve_checkpoint_info
+    from finetune.model_family import model_family
+    from finetune.model_loading import load_from_config
+
+    args = TrainArgs.load(config)
+    loaded = load_from_config(args, checkpoint, device=device, dtype=None if dtype == "auto" else dtype)
+    tokenizer = model_family(args, resolve_checkpoint_info(args)).text_tokenizer(loaded.lm)
+    return args, loaded, tokenizer
+
+
+def run_trains_moshi(args: Any) -> bool:
+    """Whether a Moshi run changes its model (LoRA or full fine-tuning)."""
+    return bool(args.full_finetuning or (args.lora is not None and args.lora.enable))

@@ -161,9 +161,10 @@ class ShardWriter:
         atomic_write_json(self.path, self.manifest, indent=1)
 
     def finish(self, **summary: Any) -> dict[str, Any]:
-        """Writes what is buffered and marks the manifest complete (``summary`` is recorded in it)."""
+        """Writes what is buffered and marks the manifest complete unless the budget stopped it (``summary``
+        is recorded in it)."""
         self.flush()
-        self.manifest["complete"] = True
+        self.manifest["complete"] = "stopped" not in self.manifest
         self.manifest["summary"] = json.loads(json.dumps(summary))
         atomic_write_json(self.path, self.manifest, indent=1)
         return self.manifest

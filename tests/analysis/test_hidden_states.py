@@ -10,6 +10,7 @@ from finetune.analysis.hidden_states import (
     StateRecorder,
     extract,
     header_streams,
+    hidden_state_fn,
     recorded_forward,
     stream_specs,
 )
@@ -71,7 +72,7 @@ def test_dsaa_streams_split_the_text_projector_and_mark_frozen_ones():
 def _extract(model, folder, batches, **kw):
     specs = stream_specs(model, layers=[0])
     writer = ShardWriter(folder, {"streams": header_streams(specs)}, shard_bytes=1, stream_dtype=torch.bfloat16)
-    timing = extract(model, specs, batches, writer, frame_rate=12.5, pad_id=PAD, epad_id=EPAD, **kw)
+    timing = extract(model, hidden_state_fn(model, specs), batches, writer, frame_rate=12.5, pad_id=PAD, epad_id=EPAD, **kw)
     writer.finish(**timing.as_dict())
     return timing
 

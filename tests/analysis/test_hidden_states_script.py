@@ -1,0 +1,51 @@
+"""get_hidden_states.py and analyze_states.py on the tiny Moshi LoRA and DSAA runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import torch
+
+from finetune.analysis.shards import ShardSet
+from tests.helpers.tiny_run import REPO
+
+
+def _script(name: str):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_moshi_lora_checkpoint(moshi_lora_run, tmp_path, capsys):
+    config, checkpoint = moshi_lora_run
+    out = tmp_path / "states"
+    args = [str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+            "--layers", "0,-1", "--timed-batches", "2"]
+    assert _script("get_hidden_states").main(args) == 0
+    printed = capsys.readouterr().out
+    assert "plain forward" in printed and "extraction" in printed
+    shards = ShardSet(out)
+    assert shards.complete and set(shards.streams) == {"layer.0", "layer.1", "out_norm"}
+    rows = shards.load(["out_norm"])
+    assert rows["out_norm"].dtype == torch.bfloat16 and rows["out_norm"].shape[1] == 64
+    record = json.loads((out / "extraction.rank0.json").read_text())
+    assert record["timing"]["timed_batches"] == 2 and record["batches_stored"] == 2
+
+
+def test_dsaa_checkpoint(dsaa_run, tmp_path):
+    config, checkpoint = dsaa_run
+    out = tmp_path / "states"
+    assert _script("get_hidden_states").main(
+        [str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu", "--layers", "-1",
+         "--store-dtype", "float32"]) == 0
+    shards = ShardSet(out)
+    streams = shards.streams
+    assert {"a", "h", "text_proj", "alpha_fusion", "dep_proj.0"} <= set(streams)
+    assert not streams["h"]["depends_on_training"] and streams["text_proj"]["depends_on_training"]
+    rows = shards.load(["h", "text_proj", "alpha_fusion"])
+    torch.testing.assert_close(rows["text_proj"], rows["h"] + rows["alpha_fusion"], rtol=1e-5, atol=1e-5)
