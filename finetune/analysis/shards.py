@@ -255,3 +255,57 @@ class ShardSet:
         if not parts:
             raise ValueError(f"{self.folder}: the extraction holds no shards")
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _keys(files: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    return files.long() * (1 << 32) + frames.long()
+
+
+def iter_matched(
+    a: ShardSet, b: ShardSet, a_columns: Sequence[str], b_columns: Sequence[str]
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]]:
+    """Rows of ``a`` shard by shard with the rows of ``b`` for the same ``(file name, frame)``.
+
+    Yields ``(rows_a, rows_b, unmatched)``: both restricted to the frames present in both folders, in ``a``'s
+    order, and the number of ``a`` frames ``b`` lacks. Only ``b``'s frame keys are held in memory; ``b``'s
+    shards are read as ``a``'s frames need them (the last one is kept, so aligned folders read each once).
+    """
+    index_of_a = {name: i for i, name in enumerate(a.files)}
+    b_to_a = torch.tensor([index_of_a.get(name, -1) for name in b.files] or [0], dtype=torch.long)
+    keys, shard_ids, row_ids = [], [], []
+    locations = [(m, remap, s) for m, remap in zip(b.manifests, b._remap) for s in m["shards"]]
+    for i, (_, remap, shard) in enumerate(locations):
+        rows = b._read(b.folder / shard["file"], remap, ["frame"])
+        keys.append(_keys(b_to_a[rows["file"]], rows["frame"]))
+        shard_ids.append(torch.full_like(keys[-1], i))
+        row_ids.append(torch.arange(len(keys[-1])))
+    if not keys:
+        raise ValueError(f"{b.folder}: the extraction holds no shards")
+    all_keys = torch.cat(keys)
+    order = torch.argsort(all_keys)
+    sorted_keys, shard_of, row_of = all_keys[order], torch.cat(shard_ids)[order], torch.cat(row_ids)[order]
+    if len(sorted_keys) > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+        raise ValueError(f"{b.folder}: a (file, frame) appears twice; cannot match frames")
+    cache: tuple[int, dict[str, torch.Tensor]] | None = None
+    for rows_a in a.iter_shards([*a_columns, "frame"]):
+        k = _keys(rows_a["file"], rows_a["frame"])
+        pos = torch.searchsorted(sorted_keys, k).clamp_max(len(sorted_keys) - 1)
+        found = sorted_keys[pos] == k
+        pos = pos[found]
+        parts: dict[str, list[torch.Tensor]] = {c: [] for c in b_columns}
+        shards_needed = shard_of[pos]
+        order_back = []
+        for sid in torch.unique(shards_needed).tolist():
+            sel = torch.nonzero(shards_needed == sid, as_tuple=True)[0]
+            if cache is None or cache[0] != sid:
+                _, remap, shard = locations[sid]
+                cache = (sid, b._read(b.folder / shard["file"], remap, list(b_columns)))
+            for c in b_columns:
+                parts[c].append(cache[1][c][row_of[pos[sel]]])
+            order_back.append(sel)
+        if not order_back:
+            yield {c: v[:0] for c, v in rows_a.items()}, {}, int((~found).sum())
+            continue
+        inverse = torch.argsort(torch.cat(order_back))
+        rows_b = {c: torch.cat(v)[inverse] for c, v in parts.items()}
+        yield {c: v[found] for c, v in rows_a.items()}, rows_b, int((~found).sum())

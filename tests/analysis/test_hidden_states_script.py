@@ -49,3 +49,33 @@ def test_dsaa_checkpoint(dsaa_run, tmp_path):
     assert not streams["h"]["depends_on_training"] and streams["text_proj"]["depends_on_training"]
     rows = shards.load(["h", "text_proj", "alpha_fusion"])
     torch.testing.assert_close(rows["text_proj"], rows["h"] + rows["alpha_fusion"], rtol=1e-5, atol=1e-5)
+
+
+def test_analyze_states_compares_streams_and_two_checkpoints(moshi_lora_run, tmp_path):
+    config, checkpoint = moshi_lora_run
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    for out, extra in ((base, []), (tuned, ["--checkpoint", str(checkpoint)])):
+        assert _script("get_hidden_states").main(
+            [str(config), "--out", str(out), "--device", "cpu", "--timed-batches", "0", "--store-dtype",
+             "float32", *extra]) == 0
+    out = tmp_path / "analysis"
+    assert _script("analyze_states").main([str(base), str(tuned), "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads((out / "cka.json").read_text())
+    labels = result["streams"]
+    assert labels == ["A:layer.0", "A:layer.1", "A:out_norm", "B:layer.0", "B:layer.1", "B:out_norm"]
+    cka = torch.tensor(result["cka"])
+    torch.testing.assert_close(cka.diagonal(), torch.ones(6, dtype=cka.dtype), rtol=0, atol=1e-9)
+    # the same frames of one run against a 2-step LoRA of it: similar but not identical
+    runs = {r["stream"]: r for r in result["runs"]}
+    assert 0.5 < runs["out_norm"]["cka"] < 1 - 1e-6
+    assert result["unmatched_frames_of_a"] == 0 and result["frames"] > 0
+    for name in ("cka.csv", "runs.csv", "pca.csv", "cka_plugin.png", "cka_debiased.png", "pca_variance.png",
+                 "pca_2d.png"):
+        assert (out / name).stat().st_size > 0
+    pca = result["pca"]["A:out_norm"]
+    assert 1 <= pca["components_90"] <= pca["components_95"] <= 64
+
+    mini = tmp_path / "mini"
+    assert _script("analyze_states").main([str(base), "--out", str(mini), "--minibatch", "16",
+                                           "--streams", "layer.1,out_norm"]) == 0
+    assert json.loads((mini / "cka.json").read_text())["mode"] == "minibatch"

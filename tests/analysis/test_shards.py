@@ -74,3 +74,35 @@ def test_storage_dtype_names_and_missing_folder(tmp_path):
         storage_dtype("int8")
     with pytest.raises(FileNotFoundError, match="not an extraction folder"):
         ShardSet(tmp_path)
+
+
+def test_frames_of_two_extractions_match_by_file_name_and_frame(tmp_path):
+    from finetune.analysis.shards import iter_matched
+
+    def write(folder, order, files, rank_split):
+        for rank, batches in enumerate(rank_split):
+            w = ShardWriter(folder, HEADER, rank=rank, shard_bytes=1)
+            for b in batches:
+                names = [files[(b + i) % len(files)] for i in range(3)]
+                frames = torch.tensor([order * 0 + 10 * b + i for i in range(3)], dtype=torch.int32)
+                value = torch.tensor([[hash((n, int(f))) % 1000] for n, f in zip(names, frames)], dtype=torch.float32)
+                w.add(b, {"file": torch.tensor([w.file_index(n) for n in names], dtype=torch.int32),
+                          "frame": frames, "s": value.expand(3, 3).contiguous(), "t": value.expand(3, 2).contiguous()},
+                      ["s", "t"])
+            w.finish()
+
+    files = ["x.wav", "y.wav", "z.wav"]
+    write(tmp_path / "a", 0, files, [[0, 1, 2, 3]])
+    write(tmp_path / "b", 0, list(reversed(files)), [[3, 1], [0]])  # other ranks, other file tables, no batch 2
+    a, b = ShardSet(tmp_path / "a"), ShardSet(tmp_path / "b")
+    total, missing = 0, 0
+    for rows_a, rows_b, unmatched in iter_matched(a, b, ["s"], ["s"]):
+        missing += unmatched
+        if rows_b:
+            total += len(rows_a["s"])
+            names_a = [a.files[i] for i in rows_a["file"].tolist()]
+            expected = torch.tensor([[hash((n, int(f))) % 1000] for n, f in zip(names_a, rows_a["frame"])],
+                                    dtype=torch.float32)
+            torch.testing.assert_close(rows_b["s"][:, :1], expected, rtol=0, atol=0)
+    # b holds y/x/z files reversed: the same names at different frames do not match
+    assert total + missing == 12 and missing > 0
