@@ -19,6 +19,7 @@ after the end of a file), with their file, frame index in the file, time, text t
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -409,3 +410,82 @@ def load_for_analysis(
 def run_trains_moshi(args: Any) -> bool:
     """Whether a Moshi run changes its model (LoRA or full fine-tuning)."""
     return bool(args.full_finetuning or (args.lora is not None and args.lora.enable))
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, split: str, store_dtype: str) -> None:
+    """The data and storage options get_hidden_states.py and get_vectors.py share (see :func:`shard_writer`)."""
+    parser.add_argument("config", type=Path, help="training YAML (model paths and data)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint of the run (default: the base model)")
+    parser.add_argument("--split", default=split, choices=["eval", "train"], help="which data of the config")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's batch_size")
+    parser.add_argument("--max-batches", type=int, default=None,
+                        help="batches per rank (default: the config's eval_batches over all ranks)")
+    parser.add_argument("--duration-sec", type=float, default=None, help="chunk length (default: eval_duration_sec)")
+    parser.add_argument("--shard-mb", type=float, default=256.0, help="size of one shard")
+    parser.add_argument("--budget-gb", type=float, default=50.0, help="cap on the shards of one rank")
+    parser.add_argument("--store-dtype", default=store_dtype, help="float32, bfloat16 or float16")
+    parser.add_argument("--timed-batches", type=int, default=4,
+                        help="batches also run as a plain forward, to measure the extraction's cost")
+
+
+def shard_writer(opts: argparse.Namespace, header: dict[str, Any], rank: int) -> ShardWriter:
+    """The writer the options of :func:`add_data_arguments` ask for, in ``--out``."""
+    from finetune.analysis.shards import storage_dtype
+
+    return ShardWriter(opts.out, header, rank=rank, stream_dtype=storage_dtype(opts.store_dtype),
+                       shard_bytes=int(opts.shard_mb * 2**20), budget_bytes=int(opts.budget_gb * 2**30))
+
+
+def report_timing(timing: dict[str, float], rank: int) -> None:
+    """Prints the extraction's cost next to the plain forward's on the same batches."""
+    if timing["timed_batches"]:
+        print(f"rank {rank}: plain forward {timing['plain_forward_s']:.3f} s, extraction "
+              f"{timing['extraction_s']:.3f} s over the same {timing['timed_batches']} batch(es): "
+              f"{100 * timing['overhead']:+.1f} %; writing shards {timing['write_s']:.3f} s", flush=True)
+
+
+def run_extraction(
+    loaded: Any,
+    compute: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    batches: Iterable[BatchInfo],
+    count: int,
+    writer: ShardWriter,
+    *,
+    frame_rate: float,
+    rank: int,
+    timed_batches: int,
+    desc: str,
+    record: dict[str, Any],
+    keep: Callable[[BatchInfo], torch.Tensor] | None = None,
+    extra_columns: Callable[[BatchInfo, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """A script's whole extraction: progress bar, :func:`extract`, a clean stop at the budget, the manifest
+    marked complete, ``extraction.rankR.json`` (timing, sources, ``record``) and the timing printed."""
+    import sys
+
+    from tqdm import tqdm
+
+    from finetune.analysis.shards import BudgetReached
+    from finetune.reporting import write_json
+
+    model = loaded.lm
+    bar = tqdm(total=count, initial=len(writer.done_batches), desc=f"{desc} (rank {rank})", unit="batch",
+               disable=rank != 0)
+    try:
+        timing: Timing | None = extract(
+            model, compute, batches, writer, frame_rate=frame_rate, pad_id=model.text_padding_token_id,
+            epad_id=model.end_of_text_padding_id, timed_batches=timed_batches, keep=keep,
+            extra_columns=extra_columns, on_batch=lambda _: bar.update())
+    except BudgetReached as e:
+        print(f"warning: {e}; stopping with what fits", file=sys.stderr)
+        timing = None
+    finally:
+        bar.close()
+    summary = timing.as_dict() if timing is not None else {}
+    writer.finish(**summary)
+    result = {"timing": summary, "device": str(loaded.device), "dtype": str(loaded.dtype),
+              "sources": loaded.sources, "batches_stored": len(writer.done_batches), "batches_total": count, **record}
+    write_json(writer.folder / f"extraction.rank{rank}.json", result)
+    if timing is not None:
+        report_timing(summary, rank)
+    return result

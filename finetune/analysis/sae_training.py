@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -59,13 +60,19 @@ class SAEConfig:
 
 def split_files(files: Sequence[str], heldout_fraction: float, seed: int = 0) -> set[str]:
     """The held-out files: those whose seeded hash ranks in the lowest ``heldout_fraction`` (at least one file
-    on each side when there are two or more). The choice depends on the names only, not their order."""
+    on each side when there are two or more). The hash reads each path relative to the files' common folder,
+    so the split depends neither on the order of the files nor on where the dataset lies."""
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
     names = sorted(set(files))
     if heldout_fraction == 0 or len(names) < 2:
         return set()
-    ranked = sorted(names, key=lambda f: hashlib.sha256(f"{seed}:{f}".encode()).hexdigest())
+    root = os.path.commonpath([os.path.dirname(f) for f in names])
+
+    def rank(f: str) -> str:
+        return hashlib.sha256(f"{seed}:{os.path.relpath(f, root)}".encode()).hexdigest()
+
+    ranked = sorted(names, key=rank)
     n = min(len(names) - 1, max(1, round(heldout_fraction * len(names))))
     return set(ranked[:n])
 

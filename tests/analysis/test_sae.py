@@ -125,3 +125,5 @@ def test_file_split_is_by_name_and_keeps_both_sides():
     assert len(held) == 2 and held == split_files(list(reversed(files)), 0.2, seed=1)
     assert len(split_files(files[:2], 0.9)) == 1
     assert split_files(files, 0.0) == set()
+    moved = {f"/elsewhere/data/{f}" for f in held}
+    assert split_files([f"/elsewhere/data/{f}" for f in files], 0.2, seed=1) == moved
