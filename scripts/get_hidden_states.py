@@ -72,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch_size": opts.batch_size or args.batch_size, "duration_sec": opts.duration_sec or args.eval_duration_sec,
     }
     writer = shard_writer(opts, header, rank)
-    run_extraction(loaded, hidden_state_fn(model, specs), batches, count, writer, frame_rate=frame_rate, rank=rank,
-                   timed_batches=opts.timed_batches, desc="hidden states",
-                   record={"provenance": provenance(extra={"config": str(opts.config), "checkpoint": opts.checkpoint})})
+    record = {"provenance": provenance(extra={"config": str(opts.config), "checkpoint": opts.checkpoint})}
+    run_extraction(loaded, hidden_state_fn(model, specs), batches, count, writer, frame_rate=frame_rate,
+                   rank=rank, timed_batches=opts.timed_batches, desc="hidden states", record=record)
     return 0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ from finetune.reporting import add_common_arguments, provenance
 from moshi.models.dsaa import dsaa_vectors, is_dsaa
 
 
-def vector_fn(model: torch.nn.Module):
+def vector_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """``codes -> {"z", "e.0", ...}``: the projector inputs, ``z`` once and each step's token embedding."""
     def compute(codes: torch.Tensor) -> dict[str, torch.Tensor]:
         vectors = dsaa_vectors(model, codes)
@@ -97,11 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"heldout": flags[rows["file"].long()]}
 
     writer = shard_writer(opts, header, rank)
+    record = {"heldout_files": sorted(heldout),
+              "provenance": provenance(extra={"config": str(opts.config), "checkpoint": opts.checkpoint})}
     run_extraction(loaded, vector_fn(model), batches, count, writer, frame_rate=frame_rate, rank=rank,
-                   timed_batches=opts.timed_batches, desc="vectors",
-                   record={"heldout_files": sorted(heldout),
-                "provenance": provenance(extra={"config": str(opts.config), "checkpoint": opts.checkpoint})},
-                   keep=keep, extra_columns=held)
+                   timed_batches=opts.timed_batches, desc="vectors", record=record, keep=keep, extra_columns=held)
     return 0
 
 

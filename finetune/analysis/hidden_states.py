@@ -33,8 +33,6 @@ from torch import nn
 from finetune.analysis.shards import ShardWriter
 from moshi.models.dsaa import dsaa_param_group_prefixes, is_dsaa
 
-META_COLUMNS = ("file", "frame", "time", "text", "pad", "epad", "speech")
-
 
 @dataclass(frozen=True)
 class StreamSpec:
@@ -353,6 +351,8 @@ def config_batches(
     run_args = replace(args, **changes)
     store = build_codes_store(run_args, mimi, device=device)
     if augment:
+        if split != "train":
+            raise ValueError("--augment reads the training loader (data.train_data): use --split train")
         if max_batches is None:
             raise ValueError("--augment reads the endless training loader: give --max-batches")
         loader: Any = build_train_loader(run_args, tokenizer, store, rank, world_size)

@@ -79,3 +79,26 @@ def test_analyze_states_compares_streams_and_two_checkpoints(moshi_lora_run, tmp
     assert _script("analyze_states").main([str(base), "--out", str(mini), "--minibatch", "16",
                                            "--streams", "layer.1,out_norm"]) == 0
     assert json.loads((mini / "cka.json").read_text())["mode"] == "minibatch"
+
+
+def test_ranks_share_the_batches_of_one_process(moshi_lora_run, tmp_path, monkeypatch):
+    config, _ = moshi_lora_run
+    common = ["--device", "cpu", "--timed-batches", "0", "--layers", "-1", "--store-dtype", "float32"]
+    assert _script("get_hidden_states").main([str(config), "--out", str(tmp_path / "one"), *common]) == 0
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert _script("get_hidden_states").main([str(config), "--out", str(tmp_path / "two"), *common]) == 0
+    two = ShardSet(tmp_path / "two")
+    assert sorted(two.batches) == [(0, 0), (1, 0)]
+    assert {p.name.split("-")[1] for p in (tmp_path / "two").glob("shard-*")} == {"r000", "r001"}
+
+    def frames(shards):
+        rows = shards.load(["out_norm", "frame"])
+        keys = [(shards.files[f], int(t)) for f, t in zip(rows["file"].tolist(), rows["frame"])]
+        return dict(zip(keys, rows["out_norm"]))
+
+    one, split = frames(ShardSet(tmp_path / "one")), frames(two)
+    assert split.keys() == one.keys()
+    for key in one:  # batches of 2 regrouped across ranks: same frames, other batch companions
+        torch.testing.assert_close(split[key], one[key], rtol=1e-5, atol=1e-5)
