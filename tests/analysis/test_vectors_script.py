@@ -74,3 +74,16 @@ def test_ae_train_writes_loadable_checkpoints_and_held_out_metrics(vectors, tmp_
         [str(vectors), "--out", str(signed), "--streams", "z", "--objective", "compressae", "--latents", "16",
          "--k", "2", "--lr", "1e-3", "--batch-size", "32", "--epochs", "1", "--device", "cpu"]) == 0
     assert TopKSparseAutoencoder.load(signed / "sae.z.safetensors").signed
+
+
+def test_analyze_states_warns_that_z_is_a_block_of_each_depformer_input(vectors, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert _script("analyze_states").main([str(vectors), "--out", str(out), "--streams", "z,dep_proj_in.0,e.0"]) == 0
+    result = json.loads((out / "cka.json").read_text())
+    assert result["warnings"] == [
+        f"z is columns 0..{result['dims'][0] - 1} of dep_proj_in.0: their CKA is a ratio of block norms, "
+        "not a similarity of representations",
+        f"e.0 is columns {result['dims'][0]}..{result['dims'][1] - 1} of dep_proj_in.0: their CKA is a ratio "
+        "of block norms, not a similarity of representations",
+    ]
+    assert "warning: z is columns" in capsys.readouterr().err
