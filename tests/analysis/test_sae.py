@@ -127,3 +127,26 @@ def test_file_split_is_by_name_and_keeps_both_sides():
     assert split_files(files, 0.0) == set()
     moved = {f"/elsewhere/data/{f}" for f in held}
     assert split_files([f"/elsewhere/data/{f}" for f in files], 0.2, seed=1) == moved
+
+
+def test_ae_train_splits_a_folder_without_held_out_marks_by_file(tmp_path):
+    import importlib.util
+    import json
+
+    from finetune.analysis.shards import ShardWriter
+    from tests.helpers.tiny_run import REPO
+
+    writer = ShardWriter(tmp_path / "states", {"streams": {"s": {"dim": 6}}}, shard_bytes=1)
+    g = torch.Generator().manual_seed(0)
+    for b in range(10):
+        writer.add(b, {"file": torch.full((20,), writer.file_index(f"/data/f{b}.wav"), dtype=torch.int32),
+                       "frame": torch.arange(20, dtype=torch.int32), "s": torch.randn(20, 6, generator=g)}, ["s"])
+    writer.finish()
+    spec = importlib.util.spec_from_file_location("ae_train", REPO / "scripts" / "ae_train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "sae"
+    assert script.main([str(tmp_path / "states"), "--out", str(out), "--latents", "8", "--k", "2", "--epochs", "1",
+                        "--batch-size", "64", "--heldout-fraction", "0.2", "--device", "cpu"]) == 0
+    m = json.loads((out / "metrics.json").read_text())["streams"]["s"]
+    assert (m["train_files"], m["heldout_files"], m["train_rows"], m["heldout_rows"]) == (8, 2, 160, 40)
