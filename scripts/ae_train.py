@@ -80,9 +80,9 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for stream, history in curves.items():
         steps = [h["step"] for h in history]
-        axes[0].plot(steps, [h["train_loss"] for h in history], label=stream)
-        axes[1].plot(steps, [h.get("heldout_nmse", float("nan")) for h in history], label=stream)
-        axes[2].plot(steps, [h.get("heldout_dead_fraction", float("nan")) for h in history], label=stream)
+        axes[0].plot(steps, [h["train_loss"] for h in history], marker=".", label=stream)
+        axes[1].plot(steps, [h.get("heldout_nmse", float("nan")) for h in history], marker=".", label=stream)
+        axes[2].plot(steps, [h.get("heldout_dead_fraction", float("nan")) for h in history], marker=".", label=stream)
     for ax, title in zip(axes, ("training loss", "held-out normalised MSE", "held-out dead fraction")):
         ax.set_xlabel("step")
         ax.set_title(title)
