@@ -14,6 +14,8 @@ from finetune.args import TrainArgs
 from tests.analysis.script_runner import run_script
 from tests.helpers.tiny_run import make_tiny_assets, run_trainer, tiny_config
 
+pytestmark = pytest.mark.slow
+
 COMMON = {"max_steps": 2, "ckpt_freq": 1, "do_eval": True, "eval_freq": 1, "eval_batches": 1, "batch_size": 2}
 
 
