@@ -33,8 +33,8 @@ from finetune.analysis.weight_stats import (
     tensor_rows,
 )
 from finetune.cli import run_main
-from finetune.distributed import select_device
-from finetune.reporting import add_common_arguments, provenance, pyplot, save_figure, write_csv, write_json
+from finetune.reporting import provenance, pyplot, save_figure, write_csv, write_json
+from moshi.models.model_loading import resolve_device
 
 
 def _print_table(title: str, rows: list[dict[str, Any]], key: str, columns: Sequence[str], n: int = 10) -> None:
@@ -78,11 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path, help="the checkpoint to describe (A)")
     p.add_argument("checkpoint_b", type=Path, nargs="?", default=None, help="a second checkpoint (B) to compare")
     p.add_argument("--top", type=int, default=4, help="singular values listed per LoRA update")
-    add_common_arguments(p)
+    p.add_argument("--device", default="auto", help="where norms and spectra are computed: auto, cpu, cuda, cuda:1...")
+    p.add_argument("--out", type=Path, required=True, help="folder for the results")
     args = p.parse_args(argv)
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
-    device = select_device(args.device)
+    device = resolve_device(args.device)
     out: Path = args.out
 
     ckpt = find_checkpoint(args.checkpoint)

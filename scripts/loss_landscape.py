@@ -61,18 +61,9 @@ from finetune.distributed import (
 )
 from finetune.eval import evaluate
 from finetune.reporting import add_common_arguments, provenance, pyplot, save_figure, write_csv, write_json
-from moshi.utils.dtypes import DTYPES
+from moshi.models.model_loading import resolve_dtype
 
 FRAME_RATE = 12.5
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    """``--dtype``: auto is bfloat16 on CUDA, float32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def _linspace(lo: float, hi: float, n: int) -> list[float]:
@@ -117,9 +108,13 @@ def _plot_file(rows: list[dict[str, Any]], codebooks: int, title: str, path: Pat
     plt = pyplot()
     time = [r["time_s"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
-    for r in rows:
-        if r["kind"] == "pad":
-            top.axvspan(r["time_s"] - 0.5 / FRAME_RATE, r["time_s"] + 0.5 / FRAME_RATE, color="0.9", lw=0)
+    start = None
+    for i, r in enumerate(rows + [{"kind": "", "time_s": math.inf}]):  # one shaded span per run of padding
+        if r["kind"] == "pad" and start is None:
+            start = r["time_s"]
+        elif r["kind"] != "pad" and start is not None:
+            top.axvspan(start - 0.5 / FRAME_RATE, rows[i - 1]["time_s"] + 0.5 / FRAME_RATE, color="0.9", lw=0)
+            start = None
     top.plot(time, [r["text_ce"] if r["text_ce"] is not None else math.nan for r in rows], lw=1, label="text CE")
     trans = [r for r in rows if r["kind"] == "transition"]
     top.plot([r["time_s"] for r in trans], [r["text_ce"] for r in trans], "v", color="tab:red", ms=4,
@@ -301,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = select_device(args.device)
     if launched_with_torchrun():
         init_distributed(device)
-    dtype = _dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     result = {"frames": run_frames, "grid": run_grid, "line": run_line}[args.mode](args, cfg, device, dtype)
     if is_main():

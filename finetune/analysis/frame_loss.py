@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.loss import MoshiLoss, audio_loss_weights, text_loss_weights
+from finetune.loss import MoshiLoss, audio_loss_weights, default_chunk_rows, text_loss_weights
 
 NONE, PAD, SPEECH, TRANSITION = -1, 0, 1, 2
 CATEGORY_NAMES = {PAD: "pad", SPEECH: "speech", TRANSITION: "transition"}
@@ -70,10 +70,12 @@ def text_categories(targets: torch.Tensor, valid: torch.Tensor, padding_ids: tup
 
 
 @torch.no_grad()
-def frame_losses(model: nn.Module, codes: torch.Tensor, loss: MoshiLoss, chunk_rows: int = 1024) -> FrameLosses:
+def frame_losses(model: nn.Module, codes: torch.Tensor, loss: MoshiLoss, chunk_rows: int | None = None
+                 ) -> FrameLosses:
     """Teacher-forced per-position losses of ``codes [B, K, T]`` under ``loss``'s weights.
 
-    The model runs in whatever mode it is in (use eval mode for dropout-free numbers).
+    The model runs in whatever mode it is in (use eval mode for dropout-free numbers). ``chunk_rows``: text rows
+    per head matmul (default: as many as the training loss puts in one chunk for this vocabulary).
     """
     out = model.forward_train(codes)
     b, _, t = codes.shape
@@ -85,6 +87,8 @@ def frame_losses(model: nn.Module, codes: torch.Tensor, loss: MoshiLoss, chunk_r
     index = flat_valid.nonzero().squeeze(1)
     text_ce = torch.full((b * t,), float("nan"), dtype=torch.float32, device=codes.device)
     targets = text_target.reshape(-1)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(int(model.text_card))
     for start in range(0, index.numel(), chunk_rows):
         sel = index[start : start + chunk_rows]
         logits = out.text_head(rows[sel]).float()

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
+from finetune.analysis.weight_stats import find_checkpoint
 from finetune.args import TrainArgs
 from finetune.eval import EvalResult, evaluate
 from finetune.loss import LossTerms
@@ -61,33 +62,15 @@ def trainable_state(model: nn.Module) -> State:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def checkpoint_weights(checkpoint: str | Path) -> Path:
-    """The weights file of a run's ``checkpoint_N/``, its ``consolidated/`` or a ``.safetensors`` file.
-
-    Raises:
-        FileNotFoundError: none found (the message says where it looked).
-    """
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "consolidated").is_dir():
-        path = path / "consolidated"
-    if path.is_dir():
-        for name in ("lora.safetensors", "consolidated.safetensors", "model.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{path}: no lora.safetensors, consolidated.safetensors or model.safetensors")
-    if path.is_file() and path.suffix == ".safetensors":
-        return path
-    raise FileNotFoundError(f"{path}: not a checkpoint folder or a .safetensors file")
-
-
 def checkpoint_state(model: nn.Module, checkpoint: str | Path) -> State:
-    """The trained tensors of ``checkpoint`` in the dtype and on the device of ``model``'s.
+    """The trained tensors of ``checkpoint`` (a run's ``checkpoint_N/``, its ``consolidated/`` or a weights
+    file) in the dtype and on the device of ``model``'s.
 
     Raises:
         ValueError: the file lacks a trained tensor of the model or has one of another shape (a checkpoint of
             another configuration: LoRA rank, DSAA projector width, ``only_text``...).
     """
-    path = checkpoint_weights(checkpoint)
+    path = find_checkpoint(checkpoint).weights
     tensors = load_file(str(path))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(n for n in params if n not in tensors)
@@ -139,7 +122,6 @@ def eval_batches(args: TrainArgs, family: Any, model: nn.Module, device: torch.d
     loader = build_eval_loader(args, family.text_tokenizer(model), build_codes_store(args, mimi, device=device),
                                rank, world_size)
     batches = [b.to(device) for b in tqdm(loader, desc="eval batches", disable=rank != 0)]
-    del mimi
     return batches, loader.sources
 
 
