@@ -59,8 +59,8 @@ def _bar_plot(rows: list[dict[str, Any]], label: str, key: str, title: str, path
               second: str | None = None) -> None:
     plt = pyplot()
     labels = [r[label] for r in rows]
-    fig, axes = plt.subplots(2 if second else 1, 1, figsize=(max(6.0, 0.25 * len(rows)), 7 if second else 4),
-                             squeeze=False)
+    width = min(40.0, max(6.0, 0.25 * len(rows)))
+    fig, axes = plt.subplots(2 if second else 1, 1, figsize=(width, 7 if second else 4), squeeze=False, sharex=True)
     axes[0][0].bar(range(len(rows)), [r[key] if r[key] is not None else 0.0 for r in rows])
     axes[0][0].set_ylabel(key)
     axes[0][0].set_title(title)
@@ -71,6 +71,16 @@ def _bar_plot(rows: list[dict[str, Any]], label: str, key: str, title: str, path
     bottom.set_xticks(range(len(rows)))
     bottom.set_xticklabels(labels, rotation=90, fontsize=6)
     save_figure(fig, path)
+
+
+def _lora_per_layer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layer group: the norm of all its updates together and their mean effective rank (a 7B model has
+    hundreds of adapted Linears, too many bars for one plot; lora.csv keeps each)."""
+    ranks: dict[str, list[float]] = {}
+    for r in rows:
+        ranks.setdefault(r["layer"], []).append(r["effective_rank"])
+    return [g | {"effective_rank": sum(ranks[g["layer"]]) / len(ranks[g["layer"]])}
+            for g in layer_rows(rows, "update_norm")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ckpt.is_lora:
         lora = lora_rows(ckpt, args.top, device)
         write_csv(out / "lora.csv", lora)
-        _bar_plot(lora, "module", "update_norm", f"LoRA updates (scaling {ckpt.lora_scaling:g})",
-                  out / "lora_updates.png", second="effective_rank")
+        _bar_plot(_lora_per_layer(lora), "layer", "update_norm",
+                  f"LoRA updates per layer group (scaling {ckpt.lora_scaling:g}): ‖ΔW‖ over the group, "
+                  "mean effective rank", out / "lora_updates.png", second="effective_rank")
         _print_table("LoRA updates", lora, "update_norm", ["module", "rank", "update_norm", "effective_rank", "sv1"])
         summary["lora"] = {"scaling": ckpt.lora_scaling, "modules": len(lora),
                            "total_update_norm": sum(r["update_norm"] ** 2 for r in lora) ** 0.5,

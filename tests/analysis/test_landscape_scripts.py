@@ -69,7 +69,7 @@ def test_loss_landscape_on_a_trained_checkpoint(which, request, tmp_path):
     base = ["--device", "cpu", "--seed", "3"]
 
     out = tmp_path / "grid"
-    assert run_script("loss_landscape", str(config), *base, "--out", str(out), "grid", "--checkpoint",
+    assert run_script("loss_landscape", str(config), "grid", *base, "--out", str(out), "--checkpoint",
                       _ckpt(run, 2), "--dims", "2", "--points", "3") == 0
     grid = json.loads((out / "landscape.json").read_text())
     centre = next(r for r in grid["grid"] if r["alpha"] == 0 and r["beta"] == 0)
@@ -79,14 +79,14 @@ def test_loss_landscape_on_a_trained_checkpoint(which, request, tmp_path):
     assert len(grid["grid"]) == 9 and (out / "landscape.png").exists() and (out / "landscape.csv").exists()
 
     out = tmp_path / "line"
-    assert run_script("loss_landscape", str(config), *base, "--out", str(out), "line", _ckpt(run, 1), _ckpt(run, 2),
+    assert run_script("loss_landscape", str(config), "line", *base, "--out", str(out), _ckpt(run, 1), _ckpt(run, 2),
                       "--points", "3", "--from", "0", "--to", "1.5") == 0
     line = json.loads((out / "interpolation.json").read_text())
     assert line["loss_a"] == pytest.approx(evals[1], rel=1e-5) and line["loss_b"] == pytest.approx(evals[2], rel=1e-5)
     assert [r["alpha"] for r in line["line"]] == [0.0, 0.75, 1.0, 1.5]
 
     out = tmp_path / "frames"
-    assert run_script("loss_landscape", str(config), *base, "--out", str(out), "frames", "--checkpoint",
+    assert run_script("loss_landscape", str(config), "frames", *base, "--out", str(out), "--checkpoint",
                       _ckpt(run, 2), "--files", "5") == 0
     summary = json.loads((out / "summary.json").read_text())
     terms = summary["loss_terms"]
