@@ -19,14 +19,13 @@ bit-identical to how it started. The batches are loaded once and reused at every
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
@@ -34,9 +33,7 @@ from finetune.analysis.weight_stats import find_checkpoint
 from finetune.args import TrainArgs
 from finetune.eval import EvalResult, evaluate
 from finetune.loss import LossTerms
-from finetune.model_family import model_family
-
-logger = logging.getLogger(__name__)
+from finetune.model_family import ModelFamily, model_family
 
 LossFn = Callable[[nn.Module, torch.Tensor], LossTerms]
 State = dict[str, torch.Tensor]
@@ -45,7 +42,8 @@ State = dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------- the model and its checkpoints
 
 
-def build_analysis_model(args: TrainArgs, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def build_analysis_model(args: TrainArgs, device: torch.device, dtype: torch.dtype
+                         ) -> tuple[nn.Module, ModelFamily]:
     """The base model of ``args`` as training builds it (LoRA layers unfused, the trained tensors marked
     ``requires_grad``), unsharded on ``device`` in ``dtype``, in eval mode; and its family.
 
@@ -71,18 +69,19 @@ def checkpoint_state(model: nn.Module, checkpoint: str | Path) -> State:
             another configuration: LoRA rank, DSAA projector width, ``only_text``...).
     """
     path = find_checkpoint(checkpoint).weights
-    tensors = load_file(str(path))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(n for n in params if n not in tensors)
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} trained tensor(s) of the config's model are not in the file, e.g. "
-                         f"{', '.join(missing[:3])} (a checkpoint of another configuration?)")
     state = {}
-    for name, p in params.items():
-        t = tensors[name]
-        if t.numel() != p.numel():
-            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
-        state[name] = t.reshape(p.shape).to(device=p.device, dtype=p.dtype)
+    with safe_open(str(path), framework="pt") as f:  # only the trained tensors: a DSAA file may embed the LLM
+        names = set(f.keys())
+        missing = sorted(n for n in params if n not in names)
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} trained tensor(s) of the config's model are not in the file, "
+                             f"e.g. {', '.join(missing[:3])} (a checkpoint of another configuration?)")
+        for name, p in params.items():
+            t = f.get_tensor(name)
+            if t.numel() != p.numel():  # a 0-dim scalar may be stored as a 1-element vector and back
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+            state[name] = t.reshape(p.shape).to(device=p.device, dtype=p.dtype)
     return state
 
 
@@ -104,7 +103,7 @@ def restored_parameters(model: nn.Module) -> Iterator[State]:
         load_state(model, saved)
 
 
-def eval_batches(args: TrainArgs, family: Any, model: nn.Module, device: torch.device, rank: int = 0,
+def eval_batches(args: TrainArgs, family: ModelFamily, model: nn.Module, device: torch.device, rank: int = 0,
                  world_size: int = 1) -> tuple[list[Any], list[Any]]:
     """This rank's eval batches of the config (``data.eval_data``, ``eval_duration_sec``, ``eval_batches``), all
     loaded at once: Mimi runs once per file (or reads the codes cache), never once per grid point.

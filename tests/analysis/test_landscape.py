@@ -142,3 +142,22 @@ def test_quadratic_loss_matches_its_taylor_expansion_exactly():
     for r in rows:
         a = r["alpha"]
         assert r["loss"] == pytest.approx(l0 + a * slope + 0.5 * a * a * curv, rel=1e-6)
+
+
+def test_checkpoint_state_reads_the_trained_tensors_and_names_what_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    from finetune.analysis.landscape import checkpoint_state
+
+    model, _, _ = _setup()
+    state = trainable_state(model)
+    save_file({n: t + 1 for n, t in state.items()}, str(tmp_path / "lora.safetensors"))
+    loaded = checkpoint_state(model, tmp_path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[n], state[n] + 1) for n in state)
+    name = sorted(state)[0]
+    save_file({n: t for n, t in state.items() if n != name}, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match=f"missing.safetensors: 1 trained tensor.*{name}"):
+        checkpoint_state(model, tmp_path / "missing.safetensors")
+    save_file({**state, name: torch.zeros(3)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match=rf"{name} has shape \(3,\)"):
+        checkpoint_state(model, tmp_path / "shape.safetensors")
