@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out
 
     ckpt = find_checkpoint(args.checkpoint)
-    tensors = tensor_rows(ckpt, device)
+    tensors = tensor_rows(ckpt, device, progress=True)
     layers = layer_rows(tensors)
     write_csv(out / "tensors.csv", tensors)
     write_csv(out / "layers.csv", layers)
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary["alpha"]:
         print("\nalpha: " + ", ".join(f"{k} = {v:.6g}" for k, v in summary["alpha"].items()))
     if ckpt.is_lora:
-        lora = lora_rows(ckpt, args.top, device)
+        lora = lora_rows(ckpt, args.top, device, progress=True)
         write_csv(out / "lora.csv", lora)
         _bar_plot(_lora_per_layer(lora), "layer", "update_norm",
                   f"LoRA updates per layer group (scaling {ckpt.lora_scaling:g}): ‖ΔW‖ over the group, "
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.checkpoint_b is not None:
         other = find_checkpoint(args.checkpoint_b)
         checkpoints.append(other.weights)
-        change, missing = change_rows(ckpt, other, device)
+        change, missing = change_rows(ckpt, other, device, progress=True)
         per_layer = layer_change_rows(change)
         write_csv(out / "change.csv", change)
         write_csv(out / "change_layers.csv", per_layer)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 WEIGHT_FILES = ("lora.safetensors", "consolidated.safetensors", "model.safetensors")
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -121,10 +122,11 @@ def lora_singular_values(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: fl
     return torch.linalg.svdvals(scaling * (r_b @ r_a.t())).float()
 
 
-def tensor_rows(ckpt: CheckpointFile, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+def tensor_rows(ckpt: CheckpointFile, device: torch.device | str = "cpu", progress: bool = False
+                ) -> list[dict[str, Any]]:
     """One row per tensor: name, layer group, shape, element count, Frobenius norm, RMS (and value if scalar)."""
     rows = []
-    for name, t in ckpt.tensors(device):
+    for name, t in tqdm(ckpt.tensors(device), total=len(ckpt.names()), desc="norms", disable=not progress):
         norm = float(torch.linalg.vector_norm(t.double()))
         row: dict[str, Any] = {"name": name, "layer": layer_of(name), "shape": "x".join(map(str, t.shape)),
                                "numel": t.numel(), "norm": norm,
@@ -146,7 +148,8 @@ def layer_rows(rows: list[dict[str, Any]], value: str = "norm") -> list[dict[str
             for k, v in groups.items()]
 
 
-def lora_rows(ckpt: CheckpointFile, top: int = 4, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+def lora_rows(ckpt: CheckpointFile, top: int = 4, device: torch.device | str = "cpu", progress: bool = False
+              ) -> list[dict[str, Any]]:
     """Per adapted Linear: rank, ``‖scaling · B A‖_F``, its spectral norm, effective rank and top singular values.
 
     Raises:
@@ -157,7 +160,7 @@ def lora_rows(ckpt: CheckpointFile, top: int = 4, device: torch.device | str = "
                       | {n[: -len(LORA_B)] for n in names if n.endswith(LORA_B)})
     rows = []
     with safe_open(str(ckpt.weights), framework="pt") as f:
-        for prefix in prefixes:
+        for prefix in tqdm(prefixes, desc="LoRA spectra", disable=not progress):
             a_name, b_name = prefix + LORA_A, prefix + LORA_B
             if a_name not in names or b_name not in names:
                 raise CheckpointReadError(f"{ckpt.weights}: {prefix} has only one of lora_A / lora_B")
@@ -173,7 +176,7 @@ def lora_rows(ckpt: CheckpointFile, top: int = 4, device: torch.device | str = "
     return rows
 
 
-def change_rows(a: CheckpointFile, b: CheckpointFile, device: torch.device | str = "cpu"
+def change_rows(a: CheckpointFile, b: CheckpointFile, device: torch.device | str = "cpu", progress: bool = False
                 ) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     """Per tensor present in both: ``‖b − a‖``, ``‖a‖`` and the relative change ``‖b − a‖ / ‖a‖`` (None when
     ``a`` is zero); plus the names only in ``a``, only in ``b`` and those whose shapes differ."""
@@ -181,7 +184,7 @@ def change_rows(a: CheckpointFile, b: CheckpointFile, device: torch.device | str
     common = sorted(names_a & names_b)
     rows, mismatched = [], []
     with safe_open(str(a.weights), framework="pt") as fa, safe_open(str(b.weights), framework="pt") as fb:
-        for name in common:
+        for name in tqdm(common, desc="change", disable=not progress):
             ta, tb = fa.get_tensor(name).to(device).float(), fb.get_tensor(name).to(device).float()
             if ta.shape != tb.shape:
                 mismatched.append(name)
