@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from finetune.analysis.frame_loss import (
-    CATEGORY_NAMES,
     FrameLosses,
     category_means,
     codebook_means,
@@ -61,9 +60,8 @@ from finetune.distributed import (
 )
 from finetune.eval import evaluate
 from finetune.reporting import add_common_arguments, provenance, pyplot, save_figure, write_csv, write_json
+from moshi.models.loaders import FRAME_RATE
 from moshi.models.model_loading import resolve_dtype
-
-FRAME_RATE = 12.5
 
 
 def _linspace(lo: float, hi: float, n: int) -> list[float]:
@@ -82,26 +80,6 @@ def _checkpoint_paths(*names: str | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- frames
-
-
-def _frame_rows(losses: FrameLosses, files: list[str], offsets: list[float]) -> list[dict[str, Any]]:
-    rows = []
-    k = losses.audio_ce.shape[1]
-    for j in range(losses.text_ce.shape[0]):
-        for t in range(losses.text_ce.shape[1]):
-            cat = int(losses.category[j, t])
-            ce = float(losses.text_ce[j, t])
-            row: dict[str, Any] = {
-                "file": files[j], "time_s": round(offsets[j] + t / FRAME_RATE, 4), "sample": j, "frame": t,
-                "text_target": int(losses.text_target[j, t]), "kind": CATEGORY_NAMES.get(cat, ""),
-                "text_ce": None if math.isnan(ce) else ce, "text_weight": float(losses.text_weight[j, t]),
-            }
-            for c in range(k):
-                a = float(losses.audio_ce[j, c, t])
-                row[f"audio_ce_{c}"] = None if math.isnan(a) else a
-                row[f"audio_weight_{c}"] = float(losses.audio_weight[j, c, t])
-            rows.append(row)
-    return rows
 
 
 def _plot_file(rows: list[dict[str, Any]], codebooks: int, title: str, path: Path) -> None:
@@ -160,10 +138,9 @@ def run_frames(args: argparse.Namespace, cfg: TrainArgs, device: torch.device, d
             break
         losses = frame_losses(model, batch.codes[keep], loss_fn)
         all_losses.append(losses)
-        rows += _frame_rows(losses, files, offsets)
+        rows += losses.rows(files, offsets, FRAME_RATE)
     codebooks = all_losses[0].audio_ce.shape[1]
-    merged = FrameLosses(*(torch.cat([getattr(x, f) for x in all_losses]) for f in
-                           ("text_ce", "text_weight", "text_target", "category", "audio_ce", "audio_weight")))
+    merged = FrameLosses.cat(all_losses)
     ts, tw, aus, aw = merged.weighted_sums()
     write_csv(args.out / "frames.csv", rows)
     for i, name in enumerate(seen):

@@ -13,7 +13,9 @@ never holds the logits of a whole batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,35 @@ class FrameLosses:
     audio_ce: torch.Tensor
     audio_weight: torch.Tensor
 
+    @classmethod
+    def cat(cls, parts: list[FrameLosses]) -> FrameLosses:
+        """The samples of several batches of the same length as one."""
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def rows(self, files: list[str], offsets: list[float], frame_rate: float) -> list[dict[str, Any]]:
+        """One CSV row per sample and frame: file, time in the file, target, kind, text CE and weight, audio CE
+        and weight per codebook; a CE without a target is ``None`` (an empty cell), never NaN.
+
+        ``files[j]`` and ``offsets[j]`` (seconds) are sample ``j``'s audio file and its chunk's start in it.
+        """
+        out = []
+        k = self.audio_ce.shape[1]
+        text_ce, audio_ce = self.text_ce.cpu().tolist(), self.audio_ce.cpu().tolist()
+        text_w, audio_w = self.text_weight.cpu().tolist(), self.audio_weight.cpu().tolist()
+        targets, kinds = self.text_target.cpu().tolist(), self.category.cpu().tolist()
+        for j in range(len(text_ce)):
+            for t in range(len(text_ce[j])):
+                row: dict[str, Any] = {
+                    "file": files[j], "time_s": round(offsets[j] + t / frame_rate, 4), "sample": j, "frame": t,
+                    "text_target": targets[j][t], "kind": CATEGORY_NAMES.get(kinds[j][t], ""),
+                    "text_ce": _value(text_ce[j][t]), "text_weight": text_w[j][t],
+                }
+                for c in range(k):
+                    row[f"audio_ce_{c}"] = _value(audio_ce[j][c][t])
+                    row[f"audio_weight_{c}"] = audio_w[j][c][t]
+                out.append(row)
+        return out
+
     def weighted_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(Σ w·CE_text, Σ w_text, Σ w·CE_audio, Σ w_audio)``, the loss's terms, as float64 sums."""
         def total(ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -52,6 +83,10 @@ class FrameLosses:
 
         return (total(self.text_ce, self.text_weight), self.text_weight.double().sum(),
                 total(self.audio_ce, self.audio_weight), self.audio_weight.double().sum())
+
+
+def _value(x: float) -> float | None:
+    return None if math.isnan(x) else x
 
 
 def text_categories(targets: torch.Tensor, valid: torch.Tensor, padding_ids: tuple[int, ...]) -> torch.Tensor:

@@ -60,6 +60,11 @@ def test_masked_positions_are_empty_and_the_others_finite():
     assert not audio_valid[:, 1, -1].any() and audio_valid[:, 0, -1].all()
     means = category_means(losses)
     assert sum(m["frames"] for m in means.values()) == int(text_valid.sum())
+    rows = losses.rows(["a.wav", "b.wav"], [0.0, 2.0], frame_rate=12.5)
+    assert len(rows) == b * t
+    row = next(r for r in rows if r["file"] == "b.wav" and r["frame"] == 9)
+    assert row["time_s"] == 2.72 and row["text_ce"] is None and row["kind"] == "" and row["text_weight"] == 0.0
+    assert next(r for r in rows if r["file"] == "a.wav" and r["frame"] == 5)["audio_ce_1"] is None
 
 
 def test_frame_kinds():
