@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ from tests.analysis.script_runner import run_script
 from tests.helpers.tiny_run import make_tiny_assets, run_trainer, tiny_config
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 
 COMMON = {"max_steps": 2, "ckpt_freq": 1, "do_eval": True, "eval_freq": 1, "eval_batches": 1, "batch_size": 2}
 
@@ -116,3 +122,27 @@ def test_analyze_state_and_plot_metrics_on_a_run(which, request, tmp_path):
     assert run_script("plot_metrics", str(run), "--out", str(out)) == 0
     curves = json.loads((out / "summary.json").read_text())
     assert curves["runs"]["run"]["train"]["records"] == 2 and "loss.png" in curves["plots"]
+
+
+def test_grid_under_torchrun_splits_the_batches_and_gives_the_one_process_losses(lora_run, tmp_path):
+    config, run = lora_run
+    cfg = yaml.safe_load(config.read_text())
+    cfg["batch_size"] = 1  # 2 eval batches of one chunk: the same two chunks for one process and for two ranks
+    one_batch = tmp_path / "b1.yaml"
+    one_batch.write_text(yaml.safe_dump(cfg))
+    args = ["grid", "--device", "cpu", "--checkpoint", _ckpt(run, 2), "--points", "3", "--eval-batches", "2"]
+    assert run_script("loss_landscape", str(one_batch), *args, "--out", str(tmp_path / "one")) == 0
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         str(REPO / "scripts" / "loss_landscape.py"), str(one_batch), *args, "--out", str(tmp_path / "two")],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "landscape.json").read_text()) for d in ("one", "two"))
+    assert one["eval_batches"] == two["eval_batches"] == 2 and two["provenance"]["world_size"] == 2
+    # Same chunks and weights; only the order of the float32 sums over batches differs.
+    for a, b in zip(one["grid"], two["grid"], strict=True):
+        assert a["alpha"] == b["alpha"] and b["loss"] == pytest.approx(a["loss"], rel=1e-6)
