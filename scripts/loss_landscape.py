@@ -12,8 +12,8 @@ and the eval data (`data.eval_data`, `eval_duration_sec`, `eval_batches`; overri
 `base` is the config's model before training. The loss is the training loss with its masks and weights.
 
 frames  per-frame loss on the eval chunks of the first --files files: text CE with each frame's kind (pad:
-        PAD/EPAD target, transition: first non-padding target after padding, speech: any other), audio CE per
-        codebook (masked positions are empty, never NaN or a -1 target) ->
+        PAD/EPAD target, transition: first non-padding target after padding, with the padding frames before
+        it; speech: any other), audio CE per codebook (masked positions are empty, never NaN or a -1 target) ->
         frames.csv, summary.json (mean CE per kind and codebook, the weighted loss terms), frames_<file>.png
 grid    filter-normalised random directions (seeded by --seed) over the trained tensors only (LoRA: the A/B
         factors), L(θ + α d1 [+ β d2]) for α, β in [-span, span] -> landscape.csv, landscape.json, landscape.png

@@ -56,6 +56,10 @@ class FrameLosses:
         """One CSV row per sample and frame: file, time in the file, target, kind, text CE and weight, audio CE
         and weight per codebook; a CE without a target is ``None`` (an empty cell), never NaN.
 
+        A transition also gets ``padding_before``, the number of padding frames just before it in its chunk:
+        every word after a pause is a transition, so a threshold on it (e.g. 13 frames, about 1 s) tells
+        turn starts from word starts.
+
         ``files[j]`` and ``offsets[j]`` (seconds) are sample ``j``'s audio file and its chunk's start in it.
         """
         out = []
@@ -64,12 +68,16 @@ class FrameLosses:
         text_w, audio_w = self.text_weight.cpu().tolist(), self.audio_weight.cpu().tolist()
         targets, kinds = self.text_target.cpu().tolist(), self.category.cpu().tolist()
         for j in range(len(text_ce)):
+            run = 0
             for t in range(len(text_ce[j])):
+                kind = kinds[j][t]
                 row: dict[str, Any] = {
                     "file": files[j], "time_s": round(offsets[j] + t / frame_rate, 4), "sample": j, "frame": t,
-                    "text_target": targets[j][t], "kind": CATEGORY_NAMES.get(kinds[j][t], ""),
+                    "text_target": targets[j][t], "kind": CATEGORY_NAMES.get(kind, ""),
+                    "padding_before": run if kind == TRANSITION else None,
                     "text_ce": _value(text_ce[j][t]), "text_weight": text_w[j][t],
                 }
+                run = run + 1 if kind == PAD else 0
                 for c in range(k):
                     row[f"audio_ce_{c}"] = _value(audio_ce[j][c][t])
                     row[f"audio_weight_{c}"] = audio_w[j][c][t]

@@ -65,6 +65,9 @@ def test_masked_positions_are_empty_and_the_others_finite():
     row = next(r for r in rows if r["file"] == "b.wav" and r["frame"] == 9)
     assert row["time_s"] == 2.72 and row["text_ce"] is None and row["kind"] == "" and row["text_weight"] == 0.0
     assert next(r for r in rows if r["file"] == "a.wav" and r["frame"] == 5)["audio_ce_1"] is None
+    # Sample 0's text: PAD PAD EPAD 17 18 PAD 19 ...: transitions at frames 3 and 6 after 3 and 1 padding frames.
+    assert [(r["frame"], r["padding_before"]) for r in rows if r["file"] == "a.wav" and r["kind"] == "transition"
+            ][:2] == [(3, 3), (6, 1)]
 
 
 def test_frame_kinds():
