@@ -3,7 +3,8 @@
 Usage, from the repository root:
     python scripts/moshi_benchmark.py --config mid --batch-sizes 1,2,4 --out runs/bench
     python scripts/moshi_benchmark.py --config 7b --device cuda --models moshi --out runs/bench7b
-    python scripts/moshi_benchmark.py --checkpoint run/checkpoints/checkpoint_100/consolidated --out runs/bench
+    python scripts/moshi_benchmark.py --checkpoint run/checkpoints/checkpoint_100/consolidated [--hf-repo BASE] \
+        --out runs/bench
 
 ``--config`` builds random weights: ``tiny`` (the test-sized LM and Mimi), ``mid`` (Moshiko's structure at a
 CPU-friendly size with the real Mimi) or ``7b`` (Moshiko's shape). ``--models`` picks Moshi, DSAA (Moshi's
@@ -43,6 +44,7 @@ from moshi.models.compression import DEFAULT_MIMI_CONFIG, TINY_MIMI_CONFIG, Mimi
 from moshi.models.lm import LMModel  # noqa: E402
 from moshi.models.lm_gen import LMGen  # noqa: E402
 from moshi.models.loaders import default_lm_kwargs  # noqa: E402
+from moshi.models.model_loading import load_model, resolve_device, resolve_dtype  # noqa: E402
 
 FRAME_BUDGET_MS = 80.0
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
@@ -92,23 +94,6 @@ def test_signal(batch: int, frames: int, size: int, device: torch.device, seed: 
     t = torch.arange(frames * size, dtype=torch.float64) / 24000
     tone = (0.3 * torch.sin(2 * torch.pi * 220 * t)).float()
     return (tone + 0.05 * torch.randn(batch, 1, frames * size, generator=generator)).to(device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA, float32 on CPU; else a torch dtype name (``float32``, ``bfloat16``...)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"--dtype {name!r} is not a torch dtype (expected auto, float32, bfloat16 or float16)")
-    return dtype
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -182,9 +167,7 @@ def plot(rows: list[dict[str, Any]], title: str) -> Any:
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[tuple[str, Any, Any]]:
     """``(name, make_lm_gen, mimi)`` per model to time."""
     if args.checkpoint is not None:
-        from moshi.models.model_loading import load_model
-
-        loaded = load_model(args.checkpoint, device=device, dtype=dtype)
+        loaded = load_model(args.checkpoint, hf_repo=args.hf_repo, device=device, dtype=dtype)
         return [(loaded.kind, loaded.make_lm_gen, loaded.mimi)]
     mimi_config, lm_kwargs = config_shapes(args.config)
     models = []
@@ -216,6 +199,7 @@ def main() -> None:
     add_common_arguments(parser)
     parser.add_argument("--config", default="mid", choices=["tiny", "mid", "7b"], help="random-weight shapes")
     parser.add_argument("--checkpoint", type=Path, help="a trained model folder instead of random weights")
+    parser.add_argument("--hf-repo", help="base model repo or folder of a LoRA --checkpoint (default: its config's)")
     parser.add_argument("--models", default="moshi,dsaa", type=lambda s: parse_list(s, "--models", MODELS),
                         help="random-weight models to time: moshi, dsaa or both (ignored with --checkpoint)")
     parser.add_argument("--batch-sizes", default="1", type=lambda s: parse_list(s, "--batch-sizes"))
@@ -228,8 +212,11 @@ def main() -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except (RuntimeError, ValueError) as error:
+        parser.error(str(error))
     rows = []
     for name, make_lm_gen, mimi in load_models(args, device, dtype):
         for batch in args.batch_sizes:

@@ -71,3 +71,17 @@ def test_bad_lists_are_refused_naming_the_flag(tmp_path, flag, value, message):
     proc = _run("--config", "tiny", flag, value, "--out", str(tmp_path))
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_a_trained_checkpoint_is_timed_under_its_kind(tmp_path_factory, tmp_path):
+    from tests.helpers import checkpoints as ck
+
+    assets = ck.shared_base_assets(tmp_path_factory)
+    export = ck.write_moshi_export(tmp_path_factory.mktemp("lora_run") / "run", assets, ck.lora_lm(assets), "lora")
+    proc = _run("--checkpoint", str(export), "--hf-repo", str(assets), "--batch-sizes", "1", "--frames", "2", "--warmup", "1",
+                "--threads", "1", "--device", "cpu", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "moshi_benchmark.json").read_text())
+    assert result["source"] == str(export)
+    assert [(s["model"], s["batch"], s["frames"]) for s in result["settings"]] == [("lora", 1, 2)]
+    assert list(result["provenance"]["checkpoints"]) == [str(export)]
