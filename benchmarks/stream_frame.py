@@ -55,9 +55,10 @@ def run_frames(
     """Streams ``audio [B, 1, L]`` frame by frame through encode, step and decode; times all but ``warmup`` frames.
 
     The first frames are not timed because they allocate caches and pick kernels. Frames whose step returns no
-    tokens yet (the first ``max_delay``) have nothing to decode; their decode time is the bare call overhead of
-    none. ``sync`` (``torch.cuda.synchronize`` on CUDA) runs before every clock reading so that each part's time
-    includes its queued kernels. ``on_frame`` is called after every frame (a progress bar's ``update``).
+    tokens yet (the first ``max_delay``) have nothing to decode (their decode time is about zero), so
+    ``warmup`` should cover them. ``sync`` (``torch.cuda.synchronize`` on CUDA) runs before every clock reading
+    so that each part's time includes its queued kernels. ``on_frame`` is called after every frame (a progress
+    bar's ``update``).
     """
     sync = sync or (lambda: None)
     size = frame_size(mimi)
