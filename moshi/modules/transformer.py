@@ -389,6 +389,8 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         Until the buffer has wrapped, only its first ``offset_cpu`` (+ ``T``) slots can hold keys (no item has
         run more steps than the module), so only those are returned: the attention of a conversation shorter
         than the context reads what was written, not the whole capacity. The slots left out are masked anyway.
+        While a CUDA graph is being captured the whole buffer is returned: the graph is replayed at later steps
+        with the shapes of the capture, and only the mask, computed on the device, follows the step.
         """
         cache = state.kv_cache
         _, B, Hkv, C, D = cache.shape
@@ -397,11 +399,16 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         exec_mask = state.exec_mask
         arange_c = torch.arange(C, device=device)
 
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+        def written(steps: int) -> int:
+            return C if capturing else min(C, steps)
+
         def slot_positions(end: torch.Tensor, used: int) -> torch.Tensor:
             return end.view(B, 1) - C + (arange_c[:used].view(1, used) - end.view(B, 1)) % C
 
         if T > 1:
-            used = min(C, state.offset_cpu)
+            used = written(state.offset_cpu)
             pos_old = slot_positions(state.offset, used)
             keys = torch.cat([cache[0, :, :, :used], k.to(cache.dtype)], dim=2)
             values = torch.cat([cache[1, :, :, :used], v.to(cache.dtype)], dim=2)
@@ -417,7 +424,7 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         if T > 1:
             return keys, values, positions
         end = state.offset + T * exec_mask.long()
-        used = min(C, state.offset_cpu + T)
+        used = written(state.offset_cpu + T)
         return cache[0, :, :, :used], cache[1, :, :, :used], slot_positions(end, used)
 
     def forward(
