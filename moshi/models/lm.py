@@ -222,11 +222,13 @@ class ScaledEmbedding(nn.Embedding):
 def _summed_lookup(tables: Sequence[ScaledEmbedding], tokens: torch.Tensor) -> torch.Tensor:
     """``Σ_a tables[a](tokens[:, a])`` for ``tokens [B, A, T]`` → ``[B, T, D]``.
 
-    Plain tables are concatenated and summed by one ``embedding_bag`` (zero tokens get weight 0), which avoids
-    ``A`` lookups plus ``A - 1`` additions and never materialises the ``[B, A, T, D]`` intermediate.
+    For sequences of at least one table's size, plain tables are concatenated and summed by one
+    ``embedding_bag`` (zero tokens get weight 0), which avoids ``A`` lookups plus ``A - 1`` additions and never
+    materialises the ``[B, A, T, D]`` intermediate. Shorter inputs (a streaming step reads ``B`` tokens per
+    table) look each table up and add in the same order: copying all ``A`` tables would cost more than the sums.
     """
     B, A, T = tokens.shape
-    if all(t.is_plain for t in tables):
+    if B * T >= tables[0].num_embeddings and all(t.is_plain for t in tables):
         rows = tables[0].num_embeddings
         if all(t.num_embeddings == rows for t in tables):
             weight = torch.cat([t.weight for t in tables]) if A > 1 else tables[0].weight

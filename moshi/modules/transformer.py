@@ -381,10 +381,16 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         """Writes ``k, v [B, H_kv, T, D]`` into the ring buffer; returns the keys/values to attend to and their
         absolute positions ``[B, S]`` (negative for slots never written).
 
-        With ``T == 1`` the new step is written first and the whole buffer is returned (the overwritten slot is
+        With ``T == 1`` the new step is written first and the buffer is returned (the overwritten slot is
         exactly ``context`` steps old, hence invisible). With ``T > 1`` a write could evict keys still visible to
         the first queries of the chunk, so the old buffer and the new steps are returned concatenated: chunked
         streaming then equals the full-sequence pass for any chunk size.
+
+        Until the buffer has wrapped, only its first ``offset_cpu`` (+ ``T``) slots can hold keys (no item has
+        run more steps than the module), so only those are returned: the attention of a conversation shorter
+        than the context reads what was written, not the whole capacity. The slots left out are masked anyway.
+        While a CUDA graph is being captured the whole buffer is returned: the graph is replayed at later steps
+        with the shapes of the capture, and only the mask, computed on the device, follows the step.
         """
         cache = state.kv_cache
         _, B, Hkv, C, D = cache.shape
@@ -393,13 +399,19 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         exec_mask = state.exec_mask
         arange_c = torch.arange(C, device=device)
 
-        def slot_positions(end: torch.Tensor) -> torch.Tensor:
-            return end.view(B, 1) - C + (arange_c.view(1, C) - end.view(B, 1)) % C
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+        def written(steps: int) -> int:
+            return C if capturing else min(C, steps)
+
+        def slot_positions(end: torch.Tensor, used: int) -> torch.Tensor:
+            return end.view(B, 1) - C + (arange_c[:used].view(1, used) - end.view(B, 1)) % C
 
         if T > 1:
-            pos_old = slot_positions(state.offset)
-            keys = torch.cat([cache[0], k.to(cache.dtype)], dim=2)
-            values = torch.cat([cache[1], v.to(cache.dtype)], dim=2)
+            used = written(state.offset_cpu)
+            pos_old = slot_positions(state.offset, used)
+            keys = torch.cat([cache[0, :, :, :used], k.to(cache.dtype)], dim=2)
+            values = torch.cat([cache[1, :, :, :used], v.to(cache.dtype)], dim=2)
             pos_new = state.offset.view(B, 1) + torch.arange(T, device=device)
             positions = torch.cat([pos_old, pos_new], dim=1)
         # Only the last C steps of the chunk can stay in the buffer.
@@ -412,7 +424,8 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         if T > 1:
             return keys, values, positions
         end = state.offset + T * exec_mask.long()
-        return cache[0], cache[1], slot_positions(end)
+        used = written(state.offset_cpu + T)
+        return cache[0, :, :, :used], cache[1, :, :, :used], slot_positions(end, used)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None

@@ -370,6 +370,24 @@ def test_exec_mask_off_leaves_an_item_untouched():
     torch.testing.assert_close(out[1], model(x[1:])[0], atol=1e-5, rtol=1e-5)
 
 
+def test_item_reset_mid_stream_equals_that_item_streamed_alone():
+    # After item 0's reset the module has run more steps than item 0 has, before and after its ring wraps
+    # (context 4); item 0 must still see only its own keys. Different batch sizes: compared with a tolerance.
+    torch.manual_seed(0)
+    model = StreamingTransformer(d_model=16, **LM_LIKE)
+    _randomize(model)
+    x = torch.randn(2, 9, 16)
+    with model.streaming(2):
+        for t in range(3):
+            model(x[:, t : t + 1])
+        model.reset_streaming(torch.tensor([True, False]))
+        out = torch.cat([model(x[:, t : t + 1]) for t in range(3, 9)], 1)
+    with model.streaming(1):
+        alone = torch.cat([model(x[:1, t : t + 1]) for t in range(3, 9)], 1)
+    torch.testing.assert_close(out[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], model(x[1:])[0, 3:], atol=1e-5, rtol=1e-5)
+
+
 def test_reset_streaming_restarts_positions():
     model = StreamingTransformer(d_model=16, **LM_LIKE)
     x = torch.randn(1, 3, 16)
