@@ -325,6 +325,12 @@ def load_dsaa_checkpoint(
     spec = TextLLMSpec(**{**asdict(spec), "hf_repo_id": block.hf_repo_id, "revision": block.revision})
     state = _cast(_load_tensors(weights), dtype)
     if block.llm_weights == "embedded":
+        if not any(k.startswith("text_llm.") for k in state):
+            raise FileNotFoundError(
+                f"{weights}: {config_path.name} says dsaa.llm_weights is 'embedded' but the file holds no "
+                "text_llm.* tensors: the checkpoint is missing its LLM (copy the complete checkpoint, or set "
+                f"llm_weights to 'reference' to load the LLM from {block.hf_repo_id!r})"
+            )
         llm = llm_from_config(block.llm_config, spec)
     else:
         llm = load_llm(spec, dtype=dtype or torch.float32)

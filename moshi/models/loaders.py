@@ -370,14 +370,28 @@ def check_state_dict_keys(source: object, missing: list[str], unexpected: list[s
         )
 
 
-def _load_lora(model: nn.Module, lora_weights: Path, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Loads a LoRA-only file into a LoRA-ised model; unexpected keys are fatal, missing LoRA factors get the
-    no-op fine-tuning init (B = 0) so the model stays equal to its base there."""
+def _load_lora(
+    model: nn.Module, lora_weights: Path, device: torch.device | str, dtype: torch.dtype, strict: bool = False
+) -> None:
+    """Loads a LoRA-only file into a LoRA-ised model.
+
+    Unexpected keys and shape mismatches (another ``lora_rank``, another architecture) are fatal. Missing LoRA
+    factors are fatal with ``strict``; otherwise they get the no-op fine-tuning init (B = 0) so the model stays
+    equal to its base there.
+    """
     if lora_weights.suffix != ".safetensors":
         raise ValueError(f"LoRA weights must be a .safetensors file, got {lora_weights}")
     state = _cast_floats(_load_file(lora_weights, device), dtype)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{lora_weights}: LoRA tensor shapes do not match the base model with the config's lora_rank: {e}"
+        ) from None
+    missing = [k for k in result.missing_keys if ".lora_A." in k or ".lora_B." in k]
+    if strict:
+        check_state_dict_keys(lora_weights, missing, result.unexpected_keys, model="the LoRA layers of the base model")
+    elif result.unexpected_keys:
         raise RuntimeError(f"{lora_weights}: unexpected keys in LoRA weights: {result.unexpected_keys}")
     untouched = 0
     for module in model.modules():
@@ -398,6 +412,8 @@ def get_lora_moshi(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     fuse_lora: bool = True,
+    *,
+    strict: bool = False,
 ) -> LMModel:
     """Turns every Linear of ``model`` into a LoRA layer and, given a LoRA file, loads it.
 
@@ -413,9 +429,11 @@ def get_lora_moshi(
         lora_rank (int), lora_scaling (float): rank and output scale of the LoRA factors.
         dtype, device: of the loaded model.
         fuse_lora (bool): fold the loaded factors into the base weights.
+        strict (bool): a Linear without factors in the file is an error (else it starts as a no-op).
 
     Raises:
-        ValueError: the file is not a ``.safetensors`` file.
+        ValueError: the file is not a ``.safetensors`` file, its shapes do not match, or (``strict``) keys are
+            missing or unexpected (listed, with the file name).
         RuntimeError: the file has keys the model does not.
     """
     if lora_weights is None:
@@ -423,7 +441,7 @@ def get_lora_moshi(
         return model
     lora_path = Path(lora_weights)
     replace_all_linear_with_lora(model, lora_rank, lora_scaling, device="meta", dtype=dtype)
-    _load_lora(model, lora_path, device, dtype)
+    _load_lora(model, lora_path, device, dtype, strict=strict)
     model.to(device=device, dtype=dtype)
     if fuse_lora:
         replace_lora_with_linear(model)
@@ -438,6 +456,8 @@ def get_moshi_lm(
     lora_weights: str | Path | None = None,
     fuse_lora: bool = False,
     lm_kwargs_overrides: dict[str, Any] | None = None,
+    *,
+    strict_lora: bool = False,
 ) -> LMModel:
     """Builds the Moshi LM and loads its weights.
 
@@ -450,6 +470,7 @@ def get_moshi_lm(
         lora_weights (str | Path | None): LoRA-only safetensors file; needs ``"lora": true`` in the config.
         fuse_lora (bool): fold the LoRA factors read from ``lora_weights`` into plain Linears.
         lm_kwargs_overrides (dict | None): merged over ``lm_kwargs``.
+        strict_lora (bool): every LoRA factor must be in ``lora_weights`` (see :func:`get_lora_moshi`).
 
     Raises:
         ValueError: the weights do not match the config (missing/unexpected keys listed), or LoRA weights were
@@ -470,7 +491,10 @@ def get_moshi_lm(
         check_state_dict_keys(path, result.missing_keys, result.unexpected_keys)
     if lora:
         lora_path = None if lora_weights is None else hf_get(lora_weights)
-        model = get_lora_moshi(model, lora_path, lora_rank, lora_scaling, dtype=dtype, device=device, fuse_lora=fuse_lora)
+        model = get_lora_moshi(
+            model, lora_path, lora_rank, lora_scaling, dtype=dtype, device=device, fuse_lora=fuse_lora,
+            strict=strict_lora,
+        )
     return model.eval()
 
 
