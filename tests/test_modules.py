@@ -119,24 +119,47 @@ def test_streaming_llm_step_by_step_equals_teacher_forcing_and_after_reset():
     assert not llm.is_streaming
 
 
-def test_streaming_llm_refuses_to_pass_max_position_embeddings():
+def test_streaming_llm_refuses_to_pass_max_position_embeddings_in_one_pass():
     llm = StreamingLLM(_tiny_hf_llm(max_positions=4))
     with pytest.raises(ValueError, match="max_position_embeddings=4"):
         llm(torch.zeros(1, 5, dtype=torch.long))
+    with llm.streaming(1), pytest.raises(ValueError, match="5 positions in one call exceed.*context of 4"):
+        llm(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_streaming_llm_keeps_a_bounded_window():
+    llm = StreamingLLM(_tiny_hf_llm(max_positions=16), context=3)
+    assert llm.window == 3 and StreamingLLM(_tiny_hf_llm(max_positions=16), context=40).window == 16
+    ids = torch.randint(0, 50, (1, 9))
+    full = llm(ids)
     with llm.streaming(1):
-        for _ in range(4):
-            llm(torch.zeros(1, 1, dtype=torch.long))
-        with pytest.raises(ValueError, match="would run 5 positions.*max_position_embeddings=4"):
-            llm(torch.zeros(1, 1, dtype=torch.long))
-        llm.reset_streaming()
-        llm(torch.zeros(1, 1, dtype=torch.long))
+        steps = []
+        for t in range(9):
+            steps.append(llm(ids[:, t : t + 1]))
+            state = llm._streaming_state
+            assert state.visible.shape == (1, min(t + 1, 2)) and state.cache.get_seq_length() == min(t + 1, 2)
+        assert state.positions.tolist() == [9]
+    # within the window the steps are the teacher-forced pass; past it they attend to the last 3 positions only
+    torch.testing.assert_close(torch.cat(steps[:3], dim=1), full[:, :3], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(steps[8], full[:, 8:], atol=1e-3)
 
 
-def test_streaming_llm_rejects_partial_reset():
+def test_streaming_llm_resets_and_skips_single_items():
     llm = StreamingLLM(_tiny_hf_llm())
+    ids = torch.randint(0, 50, (2, 6))
+    alone = StreamingLLM(llm.hf_model)
     with llm.streaming(2):
-        with pytest.raises(NotImplementedError, match="whole batch"):
-            llm.reset_streaming(torch.tensor([True, False]))
+        for t in range(3):
+            llm(ids[:, t : t + 1])
+        llm.reset_streaming(torch.tensor([True, False]))
+        llm.set_exec_mask(torch.tensor([True, False]))
+        llm(ids[:, 3:4])  # item 1 is frozen: nothing of this call reaches its later steps
+        llm.set_exec_mask(torch.tensor([True, True]))
+        both = torch.cat([llm(ids[:, t : t + 1]) for t in range(4, 6)], dim=1)
+    # item 0 restarted at ids[3]; item 1 continued from ids[2] to ids[4], ids[5]
+    torch.testing.assert_close(both[0], alone(ids[:1, 3:6])[0, 1:], rtol=1e-5, atol=1e-5)
+    item1 = torch.cat([ids[1:, :3], ids[1:, 4:6]], dim=1)
+    torch.testing.assert_close(both[1], alone(item1)[0, 3:], rtol=1e-5, atol=1e-5)
 
 
 def test_streaming_llm_frozen_forward_builds_no_graph():

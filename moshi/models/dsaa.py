@@ -125,7 +125,8 @@ class DSAATextPath(TextPath):
             raise RuntimeError("a DSAATextPath builds one model; make a new one for another model")
         text_dim, _, text_vocab = self._widths
         hidden = model.dim if self.proj_hidden is None else self.proj_hidden
-        model.text_llm = StreamingLLM(self._llm)
+        # The LLM streams over the same window as Moshi's temporal transformer (capped by its positions).
+        model.text_llm = StreamingLLM(self._llm, context=model.context)
         model.text_llm.requires_grad_(False)
         self._llm = None
         model.text_projector = TextPreservingProjector(text_dim, model.dim, hidden, self.proj_dropout, **factory)

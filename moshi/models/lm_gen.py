@@ -3,18 +3,27 @@
 The generator keeps a small ring of recent tokens (``max_delay + 2`` frames) because streams are delayed: the
 frame returned by a step mixes tokens sampled at different steps, and the user's audio must be written where the
 delayed model input will read it.
+
+The same generator runs Moshi and DSAA models: a DSAA model's text LLM is one more streaming layer of the LM, so
+it steps, resets (per batch item) and keeps its bounded KV cache together with the temporal transformer.
+
+Randomness: with ``seed``, batch item ``i`` samples from its own ``torch.Generator`` seeded ``seed + i`` (or
+``seed[i]``), so an item's tokens do not depend on the other items: item ``i`` of a batched run is the run of that
+item alone with seed ``seed + i``. Resetting an item re-seeds its generator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..modules.streaming import State, StreamingModule
-from ..utils.sampling import sample_token
+from ..utils.cuda_graph import CUDAGraphed, cuda_graphs_enabled
+from ..utils.sampling import Generators, sample_token
+from .dsaa import is_dsaa
 from .lm import UNGENERATED_TOKEN_ID, LMModel
 
 
@@ -23,6 +32,13 @@ class _LMGenState(State):
     cache: torch.Tensor  # [B, K, max_delay + 2] int64, -2 = not generated yet
     offsets: torch.Tensor  # [B] int64, steps run per item
     initial: torch.Tensor  # [B, K, 1] initial tokens
+    seeds: list[int] | None = None  # per item, with their generators
+    generators: list[torch.Generator] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.seeds is not None:
+            self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
@@ -30,6 +46,9 @@ class _LMGenState(State):
         self.cache[:] = torch.where(
             reset_mask.view(-1, 1, 1), torch.full_like(self.cache, UNGENERATED_TOKEN_ID), self.cache
         )
+        if self.seeds is not None:
+            for i in torch.nonzero(reset_mask.cpu()).flatten().tolist():
+                self.generators[i].manual_seed(self.seeds[i])
 
 
 class LMGen(StreamingModule[_LMGenState]):
@@ -41,7 +60,8 @@ class LMGen(StreamingModule[_LMGenState]):
         use_sampling (bool): sample (else greedy).
         temp (float), top_k (int): audio sampling.
         temp_text (float), top_k_text (int): text sampling.
-        cfg_coef (float): classifier-free guidance (only 1.0, i.e. none, is supported).
+        cfg_coef (float): classifier-free guidance; only 1.0 (none): Moshi and DSAA have no condition fuser to
+            give the unconditioned logits it mixes in.
         check (bool): raise if an ungenerated token would reach the model.
         condition_tensors: not supported (must be None).
         on_text_hook, on_text_logits_hook, on_audio_hook (Callable | None): called with the text token
@@ -49,6 +69,11 @@ class LMGen(StreamingModule[_LMGenState]):
         support_out_of_sync, cfg_is_masked_until, cfg_is_no_text: accepted for compatibility; per-item exec masks
             (:meth:`set_exec_mask`) are always honoured.
         generator (torch.Generator | None): RNG for sampling (default: the global one).
+        seed (int | Sequence[int] | None): per-item generators, item ``i`` seeded ``seed + i`` (or ``seed[i]``);
+            overrides ``generator``.
+        cuda_graphs (bool | None): capture the temporal step and the depformer loop as CUDA graphs (default: on
+            CUDA unless ``NO_CUDA_GRAPH`` is set). A DSAA temporal step (its LLM cache grows by concatenation)
+            and a depformer loop sampling from per-item generators always run eagerly.
     """
 
     def __init__(
@@ -69,12 +94,17 @@ class LMGen(StreamingModule[_LMGenState]):
         cfg_is_masked_until: list[int] | None = None,
         cfg_is_no_text: bool = False,
         generator: torch.Generator | None = None,
+        seed: int | Sequence[int] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         super().__init__()
         if lm_model.training:
             raise ValueError("LMGen needs the model in eval mode: call lm_model.eval() first")
         if cfg_coef != 1.0:
-            raise NotImplementedError(f"cfg_coef={cfg_coef}: classifier-free guidance is not supported")
+            raise ValueError(
+                f"cfg_coef={cfg_coef}: classifier-free guidance needs a condition fuser, which Moshi and DSAA "
+                "models do not have; use cfg_coef=1.0"
+            )
         if condition_tensors is not None:
             raise NotImplementedError("condition_tensors are not supported")
         if lm_model.dep_q == 0:
@@ -94,8 +124,24 @@ class LMGen(StreamingModule[_LMGenState]):
         self.cfg_is_masked_until = cfg_is_masked_until
         self.cfg_is_no_text = cfg_is_no_text
         self.generator = generator
+        self.seed = seed
         self.max_delay = max(lm_model.delays)
         self.delays_cuda = torch.tensor(lm_model.delays, dtype=torch.long, device=lm_model.device)
+        graphs = cuda_graphs_enabled(lm_model.device) if cuda_graphs is None else cuda_graphs
+        self._temporal = CUDAGraphed(lm_model.forward_text, enabled=graphs and not is_dsaa(lm_model))
+        self._depformer = CUDAGraphed(
+            self._sample_depformer, enabled=graphs and generator is None and seed is None
+        )
+
+    def _item_seeds(self, batch_size: int) -> list[int] | None:
+        if self.seed is None:
+            return None
+        if isinstance(self.seed, int):
+            return [self.seed + i for i in range(batch_size)]
+        seeds = [int(s) for s in self.seed]
+        if len(seeds) != batch_size:
+            raise ValueError(f"seed has {len(seeds)} values for a batch of {batch_size}")
+        return seeds
 
     def _init_streaming_state(self, batch_size: int) -> _LMGenState:
         lm = self.lm_model
@@ -105,14 +151,28 @@ class LMGen(StreamingModule[_LMGenState]):
         )
         offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         initial = lm.initial_tokens(device).expand(batch_size, -1, -1)
-        return _LMGenState(batch_size, device, cache=cache, offsets=offsets, initial=initial)
+        # Captured graphs point at the previous state's buffers.
+        self._temporal.reset()
+        self._depformer.reset()
+        return _LMGenState(
+            batch_size, device, cache=cache, offsets=offsets, initial=initial, seeds=self._item_seeds(batch_size)
+        )
+
+    def _generators(self) -> Generators:
+        state = self._streaming_state
+        if state is not None and state.seeds is not None:
+            return state.generators
+        return self.generator
 
     def _sample(self, logits: torch.Tensor, temp: float, top_k: int) -> torch.Tensor:
-        return sample_token(logits.float(), self.use_sampling, temp, top_k, generator=self.generator)
+        return sample_token(logits.float(), self.use_sampling, temp, top_k, generator=self._generators())
 
     @torch.no_grad()
     def depformer_step(self, text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
         """Samples the ``dep_q`` audio tokens of one frame: ``[B, 1, 1]`` text, ``[B, 1, dim]`` → ``[B, dep_q, 1]``."""
+        return self._depformer(text_token, transformer_out)
+
+    def _sample_depformer(self, text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
         lm = self.lm_model
         B = text_token.shape[0]
         previous = text_token
@@ -159,7 +219,7 @@ class LMGen(StreamingModule[_LMGenState]):
             raise RuntimeError(f"ungenerated tokens reached the model at offsets {offsets.tolist()}")
 
         # 3-4. text, then the depformer's audio tokens.
-        transformer_out, text_logits = lm.forward_text(model_input)
+        transformer_out, text_logits = self._temporal(model_input)
         if self.on_text_logits_hook is not None:
             self.on_text_logits_hook(text_logits)
         text_token = self._sample(text_logits, self.temp_text, self.top_k_text)  # [B, 1, 1]

@@ -165,27 +165,47 @@ def masked_lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _LLMState(State):
-    """Streaming state of :class:`StreamingLLM`: the HF KV cache and the number of positions it holds."""
+    """Streaming state of :class:`StreamingLLM`.
+
+    The HF KV cache has one length for the whole batch, so each item says which cached positions it may attend
+    to (``visible [B, L]``) and where its next token sits (``positions [B]``, the RoPE position ids). Resetting
+    an item hides its past and restarts its positions at 0; an item outside the exec mask writes a hidden
+    entry and does not advance. Entries older than the context window are dropped after every call.
+    """
 
     make_cache: Callable[[], Any]
     cache: Any = None
-    offset: int = 0
+    visible: torch.Tensor = None  # type: ignore[assignment]  # bool [B, L]
+    positions: torch.Tensor = None  # type: ignore[assignment]  # int64 [B]
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.cache = self.make_cache()
+        self.visible = torch.zeros(self.batch_size, 0, dtype=torch.bool, device=self.device)
+        self.positions = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
 
     def reset(self, reset_mask: torch.Tensor) -> None:
-        # HF caches hold one shared length for the whole batch, so a per-item reset cannot be expressed.
-        if not bool(reset_mask.any()):
-            return
-        if not bool(reset_mask.all()):
-            raise NotImplementedError(
-                "the text LLM's KV cache can only be reset for the whole batch, not for some items"
-            )
         super().reset(reset_mask)
-        self.cache = self.make_cache()
-        self.offset = 0
+        if bool(reset_mask.all()):  # a fresh cache frees the memory
+            self.cache = self.make_cache()
+            self.visible = self.visible[:, :0]
+        else:
+            self.visible &= ~reset_mask.view(-1, 1)
+        self.positions.masked_fill_(reset_mask, 0)
+
+
+def _keep_last(cache: Any, keep: int) -> None:
+    """Drops all but the last ``keep`` positions of every layer of an HF ``DynamicCache``."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys[..., -keep:, :]
+                layer.values = layer.values[..., -keep:, :]
+        return
+    for i in range(len(cache.key_cache)):  # transformers before 4.56 keeps per-layer lists
+        cache.key_cache[i] = cache.key_cache[i][..., -keep:, :]
+        cache.value_cache[i] = cache.value_cache[i][..., -keep:, :]
 
 
 class StreamingLLM(StreamingModule[_LLMState]):
@@ -197,10 +217,15 @@ class StreamingLLM(StreamingModule[_LLMState]):
 
     Outside a streaming block, :meth:`forward` is a teacher-forced pass with no cache. Inside
     ``with llm.streaming(B):`` each call appends its positions to an HF ``DynamicCache`` kept in the state,
-    which enters, leaves and resets together with every other streaming layer of the parent model.
+    which enters, leaves and resets together with every other streaming layer of the parent model, item by
+    item. Each position attends to itself and the ``context - 1`` positions before it (older cache entries are
+    dropped), so a conversation of any length runs in bounded memory; while it is shorter than ``context`` the
+    steps equal the teacher-forced pass.
 
     Args:
         model (nn.Module): a ``transformers`` ``*ForCausalLM`` (``PreTrainedModel``) instance.
+        context (int | None): positions the streamed LLM attends to (default and upper bound: the LLM's
+            ``max_position_embeddings``, the distances its positional encoding was trained on).
 
     Note:
         Both paths return the final-norm ``last_hidden_state`` and never compute LM-head logits or attention
@@ -208,7 +233,7 @@ class StreamingLLM(StreamingModule[_LLMState]):
         is off unless some LLM parameter requires grad (DSAA freezes the LLM).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, context: int | None = None) -> None:
         super().__init__()
         if (
             next(model.named_parameters(recurse=False), None) is not None
@@ -225,6 +250,7 @@ class StreamingLLM(StreamingModule[_LLMState]):
         object.__setattr__(self, "body", model.base_model)
         params = inspect.signature(model.base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.context = context
 
     # -- sizes ------------------------------------------------------------------------------------------------
     @property
@@ -262,6 +288,12 @@ class StreamingLLM(StreamingModule[_LLMState]):
         return head
 
     # -- forward ----------------------------------------------------------------------------------------------
+    @property
+    def window(self) -> int | None:
+        """Positions the streamed LLM keeps: ``context`` capped by ``max_position_embeddings``."""
+        limits = [v for v in (self.context, self.max_positions) if v is not None]
+        return min(limits) if limits else None
+
     def _init_streaming_state(self, batch_size: int) -> _LLMState:
         device = self.input_embedding().weight.device
         return _LLMState(batch_size, device, make_cache=self._new_cache)
@@ -306,16 +338,30 @@ class StreamingLLM(StreamingModule[_LLMState]):
                 self._check_positions(length)
                 out = self.body(inputs_embeds=inputs_embeds, use_cache=False)
                 return out.last_hidden_state
-            if not bool(state.exec_mask.all()):
-                raise NotImplementedError("the text LLM cannot skip batch items (exec_mask must be all true)")
             if inputs_embeds.shape[0] != state.batch_size:
                 raise ValueError(
                     f"streaming batch size is {state.batch_size}, got input batch {inputs_embeds.shape[0]}"
                 )
-            self._check_positions(state.offset + length)
+            window = self.window
+            if window is not None and length > window:
+                raise ValueError(f"{length} positions in one call exceed the text LLM's context of {window}")
+            steps = torch.arange(length, device=state.positions.device)
+            new = state.exec_mask.view(-1, 1).expand(-1, length)
+            mask = torch.cat([state.visible, torch.ones_like(new)], dim=1)
             kwargs = {self._cache_kwarg: state.cache}
-            out = self.body(inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
-            state.offset += length
+            out = self.body(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask.long(),
+                position_ids=state.positions.view(-1, 1) + steps,
+                use_cache=True,
+                **kwargs,
+            )
+            state.visible = torch.cat([state.visible, new], dim=1)
+            state.positions += length * state.exec_mask.long()
+            if window is not None and state.visible.shape[1] >= window:
+                # each position attends to itself and the window - 1 before it, as Moshi's `context` does
+                _keep_last(state.cache, window - 1)
+                state.visible = state.visible[:, state.visible.shape[1] - window + 1 :]
             return out.last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

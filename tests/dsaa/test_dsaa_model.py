@@ -15,9 +15,10 @@ from moshi.models.dsaa import (
     pca_projection,
     set_dsaa_trainable,
 )
-from moshi.models.lm import LMModel, delay_codes
+from moshi.models.lm import delay_codes
 from moshi.models.lm_gen import LMGen
 from tests.dsaa.tiny_llm import random_codes, tiny_dsaa
+from tests.helpers.forced_gen import check_stepping_matches_forward
 
 
 @pytest.mark.parametrize(
@@ -140,61 +141,9 @@ def test_pca_with_narrow_llm_pads_zero_rows_and_warns():
     assert len(messages) == 1 and "D_l=16" in messages[0] and "D_d=32" in messages[0]
 
 
-class _ForcedGen(LMGen):
-    """Feeds teacher tokens instead of sampling and records every logits tensor it would sample from."""
-
-    def __init__(self, model: LMModel, delayed: torch.Tensor) -> None:
-        super().__init__(model, use_sampling=False)
-        self.delayed = delayed
-        self.step_index = 0
-        self.calls = 0
-        self.recorded: list[torch.Tensor] = []
-
-    def _sample(self, logits, temp, top_k):
-        row = self.calls % (1 + self.lm_model.dep_q)
-        self.calls += 1
-        self.recorded.append(logits.reshape(logits.shape[0], -1))
-        column = self.step_index + 1
-        if column >= self.delayed.shape[2]:
-            return torch.zeros(logits.shape[0], 1, 1, dtype=torch.long)
-        return self.delayed[:, row, column].view(-1, 1, 1)
-
-
 def test_streaming_generation_reproduces_teacher_forcing_and_again_after_reset():
     model = tiny_dsaa()
-    T = 6
-    codes = random_codes(model, steps=T)
-    out = model(codes)
-    # One extra (repeated) frame so that the tokens of delayed streams sampled at the last step exist.
-    delayed = delay_codes(torch.cat([codes, codes[..., -1:]], dim=2), model.delays, model.initial_tokens())
-    gen = _ForcedGen(model, delayed)
-    dq, steps = model.dep_q, T + model.max_delay
-    first_user = 1 + dq
-    with gen.streaming(2):
-        for _ in range(2):
-            gen.calls, gen.recorded = 0, []
-            frames = []
-            for s in range(steps):
-                gen.step_index = s
-                user = codes[:, first_user:, max(s - 1, 0)].unsqueeze(-1)
-                frames.append(gen.step(user))
-            assert len(gen.recorded) == steps * (1 + dq)
-
-            def rec(step: int, row: int) -> torch.Tensor:
-                return gen.recorded[step * (1 + dq) + row]
-
-            for s in range(T):
-                torch.testing.assert_close(rec(s, 0), out.text_logits[:, 0, s], rtol=1e-4, atol=1e-4)
-            for c in range(dq):
-                delay = model.delays[1 + c]
-                for s in range(delay, T):  # later frames have no teacher-forced prediction (NaN)
-                    torch.testing.assert_close(
-                        rec(s, 1 + c), out.logits[:, c, s - delay], rtol=1e-4, atol=1e-4
-                    )
-            # The generator's un-delayed frames are the teacher codes.
-            assert frames[0] is None
-            assert torch.equal(torch.cat(frames[1:], dim=2), codes[:, :first_user])
-            gen.reset_streaming()
+    check_stepping_matches_forward(model, random_codes(model, steps=6))
 
 
 def test_sampled_generation_is_reproducible_with_a_generator():
@@ -209,14 +158,13 @@ def test_sampled_generation_is_reproducible_with_a_generator():
     assert (tokens[:, 0] < 320).all() and (tokens[:, 1:] < 32).all() and (tokens >= 0).all()
 
 
-def test_generation_past_max_position_embeddings_is_an_error():
+def test_generation_past_max_position_embeddings_keeps_a_bounded_llm_cache():
     model = tiny_dsaa(max_pos=3)
     gen = LMGen(model, use_sampling=False)
     with gen.streaming(1):
-        for _ in range(3):
+        for _ in range(8):
             gen.step(torch.zeros(1, 2, 1, dtype=torch.long))
-        with pytest.raises(ValueError, match="max_position_embeddings=3"):
-            gen.step(torch.zeros(1, 2, 1, dtype=torch.long))
+            assert model.text_llm._streaming_state.cache.get_seq_length() <= 2  # window 3: itself + 2 before
 
 
 def test_forward_train_gives_the_text_logits_in_factored_form():
