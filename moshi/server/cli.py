@@ -125,6 +125,7 @@ async def serve(app: web.Application, frame_loop: FrameLoop, host: str, port: in
         with contextlib.suppress(asyncio.CancelledError):
             await loop_task
         await runner.cleanup()
+        frame_loop.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,10 @@ class SlotLMGen(LMGen):
                 generator.manual_seed(seed)
 
     def depformer_step(self, text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        # Eager on purpose: per-item settings are read on the host, which a captured CUDA graph cannot do.
         self._sampling_audio = True
         try:
-            return super().depformer_step(text_token, transformer_out)
+            return self._sample_depformer(text_token, transformer_out)
         finally:
             self._sampling_audio = False
 
@@ -131,8 +133,13 @@ class BatchEngine:
         self._skip_text = {lm_gen.lm_model.text_padding_token_id, lm_gen.lm_model.end_of_text_padding_id}
         self._encoder_parts = [m for m in (mimi.encoder, mimi.encoder_transformer, mimi.downsample) if m is not None]
         self._decoder_parts = [m for m in (mimi.upsample, mimi.decoder_transformer, mimi.decoder) if m is not None]
-        lm_gen.streaming_forever(slots)
-        mimi.streaming_forever(slots)
+        self._streaming = ExitStack()
+        self._streaming.enter_context(lm_gen.streaming(slots))
+        self._streaming.enter_context(mimi.streaming(slots))
+
+    def close(self) -> None:
+        """Ends streaming, so the models can serve another engine."""
+        self._streaming.close()
 
     def is_silent_text(self, text_id: int) -> bool:
         """PAD and end-of-padding ids carry no text for the transcript."""

@@ -100,32 +100,43 @@ class FrameLoop:
         """Steps the generator until cancelled."""
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
-        try:
-            while True:
-                if not self._has_input():
-                    self._wake.clear()
-                    await self._wake.wait()
-                    next_tick = max(next_tick, loop.time())
-                delay = next_tick - loop.time()
-                if delay > 0 and not self._behind():
-                    await asyncio.sleep(delay)
-                owners = dict(self.sessions)
-                frames = {}
-                for slot, session in owners.items():
-                    frame = session.next_frame()
-                    if frame is not None:
-                        frames[slot] = frame
-                joins, self._joins = self._joins, {}
-                outputs, ms = await loop.run_in_executor(self._executor, timed_step, self.engine, frames, joins)
-                self.metrics.record_step(ms, len(frames), len(outputs))
-                for slot, output in outputs.items():
-                    session = owners.get(slot)
-                    if session is None or self.sessions.get(slot) is not session:
-                        continue  # idle slot fed silence, or its client left during the step
-                    piece = None
-                    if not self.engine.is_silent_text(output.text_id):
-                        piece = text_piece(self.tokenizer, output.text_id)
-                    session.emit(output.pcm, piece)
-                next_tick = max(next_tick + self.frame_s, loop.time() - self.frame_s)
-        finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        while True:
+            if not self._has_input():
+                self._wake.clear()
+                await self._wake.wait()
+                next_tick = max(next_tick, loop.time())
+            delay = next_tick - loop.time()
+            if delay > 0 and not self._behind():
+                await asyncio.sleep(delay)
+            owners = dict(self.sessions)
+            frames = {}
+            for slot, session in owners.items():
+                frame = session.next_frame()
+                if frame is not None:
+                    frames[slot] = frame
+            joins, self._joins = self._joins, {}
+            try:
+                outputs, ms = await loop.run_in_executor(
+                    self._executor, timed_step, self.engine, frames, joins
+                )
+            except Exception:
+                # The model's state for these slots is unknown: end their sessions, keep serving.
+                logger.exception("generator step failed; ending the sessions in it")
+                for session in owners.values():
+                    session.fail("the model failed on this conversation")
+                continue
+            self.metrics.record_step(ms, len(frames), len(outputs))
+            for slot, output in outputs.items():
+                session = owners.get(slot)
+                if session is None or self.sessions.get(slot) is not session:
+                    continue  # idle slot fed silence, or its client left during the step
+                piece = None
+                if not self.engine.is_silent_text(output.text_id):
+                    piece = text_piece(self.tokenizer, output.text_id)
+                session.emit(output.pcm, piece)
+            next_tick = max(next_tick + self.frame_s, loop.time() - self.frame_s)
+
+    def close(self) -> None:
+        """Waits for a step in flight, then ends the engine's streaming (after :meth:`run` was cancelled)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()

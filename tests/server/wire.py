@@ -140,6 +140,7 @@ async def serve(loaded: LoadedModel, max_sessions: int = 2, max_backlog_ms: floa
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await runner.cleanup()
+        frame_loop.close()
 
 
 async def connect(session: aiohttp.ClientSession, base: str, query: str = "") -> Client:
