@@ -93,13 +93,13 @@ def make_app(
                 elif message.type == WSMsgType.ERROR:
                     raise protocol.ProtocolError(f"unreadable WebSocket frame: {ws.exception()}")
         except protocol.ProtocolError as exc:
-            session.fail(str(exc))
             logger.warning("client %s in slot %d: %s; closing its connection", peer, session.slot, exc)
             if not ws.closed:
                 try:
                     await ws.send_bytes(protocol.error(str(exc)))
                 except (ConnectionError, RuntimeError):
                     pass
+            session.fail(str(exc))
         finally:
             if session.failure is not None:
                 frame_loop.metrics.sessions_failed += 1

@@ -211,7 +211,9 @@ class BatchEngine:
         return {slot: SlotOutput(decoded[slot], int(text_ids[slot])) for slot in ready}
 
 
-def timed_step(engine: BatchEngine, frames: Mapping[int, np.ndarray], joins: Mapping[int, SamplingSettings]):
+def timed_step(
+    engine: BatchEngine, frames: Mapping[int, np.ndarray], joins: Mapping[int, SamplingSettings]
+) -> tuple[dict[int, SlotOutput], float]:
     """:meth:`BatchEngine.step` and its wall time in ms (synchronised with the device)."""
     start = time.perf_counter()
     result = engine.step(frames, joins)

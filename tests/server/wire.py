@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import struct
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +47,15 @@ def ogg_pages(pcm: np.ndarray) -> list[bytes]:
     return split_pages(data)
 
 
-def speech(seconds: float, wav_path: Path | None = None) -> np.ndarray:
+def speech(seconds: float) -> np.ndarray:
     """Speech from espeak-ng when installed (resampled to 24 kHz, padded to whole frames), else a chirp."""
     n = int(seconds * SAMPLE_RATE) // FRAME * FRAME
     if shutil.which("espeak-ng"):
-        path = wav_path or Path("/tmp") / "moshi_server_test_speech.wav"
-        subprocess.run(["espeak-ng", "-w", str(path), "hello there, how are you today? tell me a story."],
-                       check=True, capture_output=True)
-        pcm, sr = sphn.read(str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "speech.wav"
+            subprocess.run(["espeak-ng", "-w", str(path), "hello there, how are you today? tell me a story."],
+                           check=True, capture_output=True)
+            pcm, sr = sphn.read(str(path))
         pcm = sphn.resample(pcm[0], src_sample_rate=sr, dst_sample_rate=SAMPLE_RATE)
         pcm = np.asarray(pcm, dtype=np.float32)[:n]
         return np.pad(pcm, (0, n - len(pcm)))
@@ -146,10 +147,3 @@ async def serve(loaded: LoadedModel, max_sessions: int = 2, max_backlog_ms: floa
 async def connect(session: aiohttp.ClientSession, base: str, query: str = "") -> Client:
     ws = await session.ws_connect(f"{base.replace('http', 'ws', 1)}/api/chat{query}")
     return Client(ws)
-
-
-def frames_of(pcm: np.ndarray) -> int:
-    return len(pcm) // FRAME
-
-
-__all__ = ["Client", "Reply", "connect", "frames_of", "ogg_pages", "serve", "speech", "split_pages", "struct"]
