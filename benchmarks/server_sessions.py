@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def main() -> None:
         print(f"{name}: at most {summary[name]} conversations with p99 under {FRAME_MS:.0f} ms (of those tried)")
     out = args.out
     write_json(out / "results.json", {"rows": rows, "max_real_time_sessions": summary,
-                                      "provenance": provenance(extra={"frame_ms": FRAME_MS})})
+                                      "provenance": provenance(extra={"frame_ms": FRAME_MS, "load_average": os.getloadavg()})})
     write_csv(out / "results.csv", rows)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
