@@ -120,3 +120,10 @@ def test_command_line_serves_health(server_assets):
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("the server did not stop on SIGINT")
+
+
+def test_ssl_folder_without_its_files(tmp_path):
+    from moshi.server.cli import _ssl_context
+
+    with pytest.raises(FileNotFoundError, match="--ssl .*: cert.pem not found"):
+        _ssl_context(str(tmp_path))
