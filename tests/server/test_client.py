@@ -19,7 +19,7 @@ def test_client_round_trip(tiny_model):
     async def run():
         async with serve(tiny_model) as (base, _):
             url = base.replace("http", "ws", 1) + "/api/chat?seed=3"
-            return await client.converse(url, client.pad_to_frames(pcm), realtime=False, tail_s=1.5)
+            return await client.converse(url, client.pad_to_frames(pcm), realtime=False, tail_s=10.0)
 
     result = asyncio.run(run())
     assert result.handshake and result.error is None
