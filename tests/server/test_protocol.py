@@ -86,20 +86,18 @@ def test_two_sessions_a_third_refused_and_a_freed_slot_reused(tiny_model):
     assert not np.array_equal(a.pcm(), b.pcm())
 
 
-@pytest.mark.parametrize(
-    "bad, reason",
-    [
-        ("text", "text frame"),
-        (bytes([9]) + b"x", "kind 9"),
-        (protocol.text("hi"), "kind 2"),
-        (b"", "empty message"),
-        (protocol.audio(b"definitely not an Ogg stream " * 8), "invalid Ogg Opus"),
-        (protocol.audio(b"\0" * 5000), None),  # over the size cap: closed by the WebSocket layer
-    ],
-    ids=["text-frame", "unknown-kind", "server-kind", "empty", "corrupt-ogg", "oversized"],
-)
-def test_a_malformed_message_ends_only_its_connection(tiny_model, bad, reason):
-    frames = 10
+MALFORMED = [
+    ("text frame", "text", "text frame"),
+    ("unknown kind", bytes([9]) + b"x", "kind 9"),
+    ("server kind", protocol.text("hi"), "kind 2"),
+    ("empty", b"", "empty message"),
+    ("corrupt Ogg", protocol.audio(b"definitely not an Ogg stream " * 8), "invalid Ogg Opus"),
+    ("oversized", protocol.audio(b"\0" * 5000), None),  # over the size cap: closed by the WebSocket layer
+]
+
+
+def test_each_malformed_message_ends_only_its_connection(tiny_model):
+    frames = 2 + 2 * len(MALFORMED)
     pages = ogg_pages(speech(frames * FRAME / 24000))
 
     async def run():
@@ -107,28 +105,32 @@ def test_a_malformed_message_ends_only_its_connection(tiny_model, bad, reason):
             good = await connect(http, base, "?seed=1")
             await good.send_pages(pages[:6], [2])
             await _wait_for(lambda: len(good.reply.audio) == 1)
-            bad_client = await connect(http, base)
-            await _wait_for(lambda: bad_client.reply.kinds)
-            if isinstance(bad, str):
-                await bad_client.ws.send_str(bad)
-            else:
-                await bad_client.ws.send_bytes(bad)
-            bad_reply = await bad_client.wait_closed()
-            await good.send_pages(pages[6:], [2])
-            await _wait_for(lambda: len(good.reply.audio) == frames - 1)
+            replies = []
+            for i, (_, bad, _) in enumerate(MALFORMED):
+                bad_client = await connect(http, base)
+                await _wait_for(lambda c=bad_client: c.reply.kinds)
+                if isinstance(bad, str):
+                    await bad_client.ws.send_str(bad)
+                else:
+                    await bad_client.ws.send_bytes(bad)
+                replies.append(await bad_client.wait_closed())
+                # the other session keeps being served
+                await good.send_pages(pages[6 + 4 * i : 10 + 4 * i], [2])
+                await _wait_for(lambda n=i: len(good.reply.audio) == 3 + 2 * n)
             async with http.get(f"{base}/api/health") as resp:
                 health = await resp.json()
             async with http.get(f"{base}/api/metrics") as resp:
                 metrics = await resp.json()
-            return bad_reply, await good.finish(), health, metrics
+            return replies, await good.finish(), health, metrics
 
-    bad_reply, good_reply, health, metrics = asyncio.run(run())
-    assert bad_reply.closed
-    if reason is not None:
-        assert bad_reply.kinds[-1] == protocol.Kind.ERROR and reason in bad_reply.error
+    replies, good_reply, health, metrics = asyncio.run(run())
+    for (name, _, reason), reply in zip(MALFORMED, replies):
+        assert reply.closed, name
+        if reason is not None:
+            assert reply.kinds[-1] == protocol.Kind.ERROR and reason in reply.error, name
     assert good_reply.error is None and len(good_reply.audio) == frames - 1
     assert health["status"] == "ok" and health["sessions"] == 1
-    assert metrics["sessions_failed"] == 1 and metrics["sessions_started"] == 2
+    assert metrics["sessions_failed"] == len(MALFORMED) and metrics["sessions_started"] == 1 + len(MALFORMED)
 
 
 def test_backlog_beyond_the_bound_is_dropped_and_counted(tiny_model):
