@@ -38,22 +38,13 @@ class SamplingSettings:
     audio_seed: int | None = None
     text_seed: int | None = None
 
-    @staticmethod
-    def from_lm_gen_config(config: Mapping[str, Any]) -> SamplingSettings:
-        """Defaults of a checkpoint's ``lm_gen_config`` (keys it does not set keep the generator's defaults)."""
-        base = SamplingSettings()
-        return SamplingSettings(
-            temp=float(config.get("temp", base.temp)),
-            top_k=int(config.get("top_k", base.top_k)),
-            temp_text=float(config.get("temp_text", base.temp_text)),
-            top_k_text=int(config.get("top_k_text", base.top_k_text)),
-        )
-
 
 class SlotLMGen(LMGen):
-    """:class:`LMGen` whose sampling settings and RNG are per batch item (per conversation).
+    """:class:`LMGen` whose sampling settings and RNG streams are per batch item.
 
-    Items not executed in a step take the argmax, so a paused conversation's RNG stream does not move.
+    A plain :class:`LMGen` samples the whole batch with one temperature and top-k; the server's conversations
+    each bring their own settings and seeds, so every row is sampled on its own. Items not executed in a step
+    take the argmax, so a paused conversation's RNG streams do not move.
     """
 
     def __init__(self, lm_model: Any, batch_size: int, use_sampling: bool = True, **kwargs: Any) -> None:
