@@ -43,8 +43,17 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft", ".sfts")
 SUPPORTED_PARAM_DTYPES = ("bfloat16", "float32")
-# Evaluation switches kept so existing configs load; setting one to true is refused until it is implemented.
-NOT_IMPLEMENTED_EVALS = ("do_eval_loss", "do_mmlu", "do_slm", "do_cd")
+# The spoken-LM evaluations (switched on under `do_eval`) and the data key each one reads.
+BENCHMARK_SWITCHES: dict[str, tuple[str, ...]] = {
+    "do_eval_loss": ("eval_loss_data",),
+    "do_slm": ("swuggy_data", "sblimp_data", "ssc_data"),
+    "do_cd": ("cd_data",),
+    "do_mmlu": ("mmlu_data",),
+}
+EVAL_CHANNELS = ("moshi", "user")
+EVAL_TEXT_ROWS = ("zero", "pad", "transcript")
+EVAL_STREAMS = ("audio", "text", "audio+text")
+MMLU_LONG_CONTEXT = ("refuse", "window")
 
 
 class ConfigError(ValueError):
@@ -188,9 +197,11 @@ class DataArgs:
     empty, duration not matching the manifest, bad alignment file) are left out, and
     counted in the log, instead of stopping the run before its first step.
     `duration_tolerance_sec`: how far a manifest duration may be from the file's.
-    The remaining `*_data` keys are accepted and unused: they belong to the DSAA evaluations
-    (`do_eval_loss`, `do_mmlu`, `do_slm`, `do_cd`), which are not implemented yet and are
-    refused when switched on.
+    The evaluation sets (see `docs/evaluation.md`): `eval_loss_data` (a conversation set for
+    `do_eval_loss`, the DSAA name of `eval_data`; give one of the two), `swuggy_data`,
+    `sblimp_data`, `ssc_data` (`do_slm`), `cd_data` (`do_cd`: comma-separated folders of
+    pair sets, each named by its folder), `mmlu_data` (`do_mmlu`); each benchmark set is a
+    folder with `data.jsonl`, `data_stereo/` and `extra.txt`.
     """
 
     train_data: str = ""
@@ -207,6 +218,39 @@ class DataArgs:
     sblimp_data: str = ""
     ssc_data: str = ""
     cd_data: str = ""
+
+
+@dataclass
+class EvalArgs:
+    """`evaluation:` how the spoken-LM benchmarks score an item (see `docs/evaluation.md`).
+
+    The defaults give the fork's numbers under the `fork` protocol: the item on Moshi's channel,
+    the text row fed as zero tokens (no text input, no text term), every codebook of that channel.
+    `channel`: the stereo channel holding the spoken item (`moshi` = left, `user` = right, which
+    needs a model that predicts the user's codebooks). `text_row`: `zero`, `pad` (PAD on every
+    frame) or `transcript` (the words of `N.json`). `streams`: what `standard` sums (`audio`,
+    `text`, `audio+text`). `codebooks`: the channel's codebooks `standard` scores (null: all).
+    `pairs_per_batch`: pairs padded together into one forward. `max_pairs` / `mmlu_max_questions`:
+    score only the first ones by id (null: all; same items at every evaluation). Spoken MMLU:
+    `mmlu_text_weight`/`mmlu_audio_weight` mix the `fork` score, `mmlu_choice_frames` frames of
+    each choice clip, `mmlu_shots` per subject, `mmlu_text_row` (default transcript), and
+    `mmlu_long_context`: `refuse` a question whose context exceeds the model's attention context,
+    or `window` (keep its most recent frames).
+    """
+
+    channel: str = "moshi"
+    text_row: str = "zero"
+    streams: str = "audio"
+    codebooks: list[int] | None = None
+    pairs_per_batch: int = 8
+    max_pairs: int | None = None
+    mmlu_text_weight: float = 0.9
+    mmlu_audio_weight: float = 0.1
+    mmlu_choice_frames: int = 33
+    mmlu_shots: int = 5
+    mmlu_text_row: str = "transcript"
+    mmlu_long_context: str = "refuse"
+    mmlu_max_questions: int | None = None
 
 
 @dataclass
@@ -269,6 +313,7 @@ class TrainArgs:
     do_mmlu: bool = False
     do_slm: bool = False
     do_cd: bool = False
+    evaluation: EvalArgs = field(default_factory=EvalArgs)
     world_size: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -409,7 +454,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "log_freq", "ckpt_freq", "do_ckpt", "num_ckpt_keep", "save_adapters",
     "eval_freq", "do_eval", "eval_duration_sec", "eval_batches", "data.eval_data",
     "do_eval_loss", "do_mmlu", "do_slm", "do_cd", "data.eval_loss_data", "data.mmlu_data", "data.swuggy_data",
-    "data.sblimp_data", "data.ssc_data", "data.cd_data",
+    "data.sblimp_data", "data.ssc_data", "data.cd_data", "evaluation",
     "data.cache_dir", "wandb", "tensorboard",
 )
 
@@ -532,10 +577,6 @@ def _validate(a: TrainArgs) -> list[str]:
     for key in ("duration_sec", "eval_duration_sec", "max_norm"):
         if not getattr(a, key) > 0:
             e.append(f"{key} must be > 0, got {getattr(a, key)}")
-    for key in NOT_IMPLEMENTED_EVALS:
-        if getattr(a, key):
-            e.append(f"{key}: true is not implemented yet (the DSAA evaluations are planned); set it to false "
-                     "or remove it (its data.*_data keys are accepted but unused until then)")
     if a.audio_loss_skip_every < 0:
         e.append(f"audio_loss_skip_every must be >= 0 (0 = never skip), got {a.audio_loss_skip_every}")
     if not 0.0 <= a.optim.pct_start <= 1.0:
@@ -557,6 +598,7 @@ def _validate(a: TrainArgs) -> list[str]:
         e.append(f"data.duration_tolerance_sec must be >= 0, got {a.data.duration_tolerance_sec}")
     _validate_data(a, e)
     _validate_aug(a.data.aug, e)
+    _validate_evaluation(a, e)
     return e
 
 
@@ -573,7 +615,9 @@ def _validate_data(a: TrainArgs, e: list[str]) -> None:
             e.append(str(err))
     if a.do_eval:
         if not a.data.eval_data.strip():
-            e.append("do_eval: true needs data.eval_data (no eval data provided)")
+            if not any(getattr(a, k) for k in BENCHMARK_SWITCHES):
+                e.append("do_eval: true needs data.eval_data (no eval data provided) or one of "
+                         f"{', '.join(BENCHMARK_SWITCHES)}")
         else:
             try:
                 parse_sources(a.data.eval_data, key="data.eval_data")
@@ -592,6 +636,56 @@ def _validate_data(a: TrainArgs, e: list[str]) -> None:
                          + (f" (did you mean {close[0]!r}?)" if close else f"; sources: {names}"))
         if len(set(a.data.merge_group)) != len(a.data.merge_group):
             e.append(f"data.merge_group has duplicates: {a.data.merge_group}")
+
+
+def _validate_evaluation(a: TrainArgs, e: list[str]) -> None:
+    """The benchmark switches, their data folders and the `evaluation:` keys."""
+    for switch, keys in BENCHMARK_SWITCHES.items():
+        if not getattr(a, switch):
+            continue
+        if not a.do_eval:
+            e.append(f"{switch}: true needs do_eval: true (the switch of every evaluation)")
+        given = [k for k in keys if getattr(a.data, k).strip()]
+        if not given:
+            e.append(f"{switch}: true needs data.{' or data.'.join(keys)} (no data given)")
+        for k in given:
+            for part in getattr(a.data, k).split(","):
+                path = Path(part.strip())
+                if switch == "do_eval_loss":
+                    if not path.exists():
+                        e.append(f"data.{k}: {path} does not exist")
+                elif not (path / "data.jsonl").is_file():
+                    e.append(f"data.{k}: {path} is not an evaluation set folder (no {path / 'data.jsonl'})")
+    if a.do_eval_loss and a.data.eval_data.strip() and a.data.eval_loss_data.strip():
+        e.append("data.eval_data and data.eval_loss_data are two names of the eval-loss set: give one")
+    e += evaluation_key_errors(a.evaluation)
+
+
+def evaluation_key_errors(g: EvalArgs) -> list[str]:
+    """Problems of the `evaluation:` section alone (the benchmark scripts check only these)."""
+    e: list[str] = []
+    for key, value, allowed in (("channel", g.channel, EVAL_CHANNELS), ("text_row", g.text_row, EVAL_TEXT_ROWS),
+                                ("streams", g.streams, EVAL_STREAMS), ("mmlu_text_row", g.mmlu_text_row,
+                                                                       EVAL_TEXT_ROWS),
+                                ("mmlu_long_context", g.mmlu_long_context, MMLU_LONG_CONTEXT)):
+        if value not in allowed:
+            e.append(f"evaluation.{key} must be one of {list(allowed)}, got {value!r}")
+    if "text" in g.streams and g.text_row == "zero":
+        e.append(f"evaluation.streams: {g.streams!r} scores the text row, which evaluation.text_row: 'zero' "
+                 "leaves empty; use text_row: pad or transcript")
+    if g.codebooks is not None and (not g.codebooks or min(g.codebooks) < 0 or len(set(g.codebooks))
+                                    != len(g.codebooks)):
+        e.append(f"evaluation.codebooks must be null or distinct indices >= 0, got {g.codebooks!r}")
+    for key in ("pairs_per_batch", "mmlu_choice_frames", "mmlu_shots"):
+        if getattr(g, key) < 1:
+            e.append(f"evaluation.{key} must be >= 1, got {getattr(g, key)}")
+    for key in ("max_pairs", "mmlu_max_questions"):
+        if getattr(g, key) is not None and getattr(g, key) < 1:
+            e.append(f"evaluation.{key} must be null (all) or >= 1, got {getattr(g, key)}")
+    if g.mmlu_text_weight < 0 or g.mmlu_audio_weight < 0:
+        e.append("evaluation.mmlu_text_weight and mmlu_audio_weight must be >= 0, got "
+                 f"{g.mmlu_text_weight} and {g.mmlu_audio_weight}")
+    return e
 
 
 def _validate_aug(g: AugArgs, e: list[str]) -> None:

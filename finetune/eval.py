@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from finetune.args import TrainArgs
 from finetune.distributed import all_reduce_sum, any_rank
 from finetune.loss import LossTerms
+
+
+def eval_loss_args(args: TrainArgs) -> TrainArgs | None:
+    """The config whose `data.eval_data` is the eval-loss set: `data.eval_data`, else `data.eval_loss_data` when
+    `do_eval_loss` is on (the DSAA name of the same set); None when there is no eval loss to compute."""
+    if not args.do_eval:
+        return None
+    if args.data.eval_data.strip():
+        return args
+    if args.do_eval_loss and args.data.eval_loss_data.strip():
+        return replace(args, data=replace(args.data, eval_data=args.data.eval_loss_data))
+    return None
 
 
 @dataclass

@@ -37,7 +37,8 @@ from finetune.distributed import (
     is_main,
     select_device,
 )
-from finetune.eval import evaluate
+from finetune.eval import eval_loss_args, evaluate
+from finetune.evaluation.training import TrainingBenchmarks, format_benchmark_line
 from finetune.loss import LossFn, LossTerms
 from finetune.model_build import dtype_policy
 from finetune.model_family import ModelFamily, model_family
@@ -190,11 +191,13 @@ class DataComponents:
     """What the loop needs from the data pipeline.
 
     `train` yields code batches ``[B, K, T]`` forever and has `state_dict`/`load_state_dict`;
-    `make_eval` builds a fresh finite iterable of eval batches (None: no eval).
+    `make_eval` builds a fresh finite iterable of eval batches (None: no eval loss);
+    `benchmarks` scores the spoken-LM benchmarks, ``(model, step) -> metrics`` (None: none).
     """
 
     train: Any
     make_eval: Callable[[], Any] | None
+    benchmarks: Callable[[nn.Module, int], dict[str, float]] | None = None
 
 
 DataFactory = Callable[[TrainArgs, ModelFamily, torch.device, nn.Module], DataComponents]
@@ -216,11 +219,14 @@ def default_data_factory(args: TrainArgs, family: ModelFamily, device: torch.dev
     store = build_codes_store(args, mimi, device=device)
     rank, world = get_rank(), get_world_size()
     train = build_train_loader(args, tokenizer, store, rank, world)
-    make_eval = None
-    if args.do_eval:
+    make_eval = benchmarks = None
+    loss_args = eval_loss_args(args)
+    if loss_args is not None:
         def make_eval() -> Any:
-            return build_eval_loader(args, tokenizer, store, rank, world)
-    return DataComponents(train, make_eval)
+            return build_eval_loader(loss_args, tokenizer, store, rank, world)
+    if args.do_eval and (args.do_slm or args.do_cd or args.do_mmlu):
+        benchmarks = TrainingBenchmarks(args, store, tokenizer, model, device)
+    return DataComponents(train, make_eval, benchmarks)
 
 
 def batch_codes(batch: Any) -> torch.Tensor:
@@ -352,11 +358,17 @@ class Trainer:
             self.meter.add(timing, round(last.all_tokens / world), last.real_tokens / world)
             if self.step % a.log_freq == 0 or self.step == total:
                 self._log_train(last, lr, timing, frames, batches[0].shape[-1])
-            if a.do_eval and self.data.make_eval is not None and self._is_due(a.eval_freq):
-                eval_metrics = self._evaluate(last.loss)
-                if self.eval_metrics is not None:
+            if a.do_eval and self._is_due(a.eval_freq):
+                eval_metrics: dict[str, float] = {}
+                if self.data.make_eval is not None:
+                    eval_metrics = self._evaluate(last.loss)
+                    logger.info(format_eval_line(eval_metrics | {"step": self.step}))
+                if self.data.benchmarks is not None:
+                    scores = self.data.benchmarks(self.model, self.step)
+                    logger.info(format_benchmark_line(self.step, scores))
+                    eval_metrics |= scores
+                if eval_metrics and self.eval_metrics is not None:
                     self.eval_metrics.log(eval_metrics, self.step)
-                logger.info(format_eval_line(eval_metrics | {"step": self.step}))
             if a.do_ckpt and self._is_due(a.ckpt_freq):
                 assert self.checkpointer is not None
                 for m in (self.train_metrics, self.eval_metrics):

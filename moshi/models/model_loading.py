@@ -240,6 +240,8 @@ def load_model(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if text_llm is not None and checkpoint is None:
+        raise ValueError("text_llm is given without a checkpoint: name the DSAA or fork checkpoint to load")
     files = None
     if checkpoint is not None:
         weights, config_path = checkpoint_files(checkpoint)
@@ -259,7 +261,7 @@ def load_model(
     elif files.weights.name == CONSOLIDATED_FILE:
         kind = _export_kind(files)
     else:
-        kind = "moshi"
+        kind = "lora" if lora_weight is not None else "moshi"
         if files.weights.suffix == ".safetensors":
             from safetensors import safe_open
 

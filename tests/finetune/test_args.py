@@ -135,15 +135,6 @@ def test_validation_errors_name_the_key(tmp_path, manifest, extra, needle):
     assert any(needle in e for e in errs), errs
 
 
-@pytest.mark.parametrize("key", ["do_eval_loss", "do_mmlu", "do_slm", "do_cd"])
-def test_unimplemented_evaluations_are_refused_when_switched_on(tmp_path, manifest, key):
-    base = f"data: {{train_data: '{manifest}', mmlu_data: m.jsonl}}\nrun_dir: r\nlora: {{enable: true}}\n"
-    assert not getattr(load_text(tmp_path, base + f"{key}: false\n"), key)  # accepted while off, `*_data` too
-    errs = errors_of(tmp_path, base + f"{key}: true\n")
-    assert errs == [f"{key}: true is not implemented yet (the DSAA evaluations are planned); set it to false or "
-                    "remove it (its data.*_data keys are accepted but unused until then)"]
-
-
 @pytest.mark.parametrize(
     "aug, needle",
     [

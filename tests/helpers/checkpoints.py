@@ -29,6 +29,14 @@ def make_base_assets(out: Path, seed: int = 0) -> Path:
     return load_asset_script().make_assets(out, seed=seed, files=2, eval_files=0, min_sec=3.0, max_sec=3.5)
 
 
+def shared_base_assets(tmp_path_factory: Any) -> Path:
+    """:func:`make_base_assets` once per test session (every module asking gets the same folder)."""
+    out = tmp_path_factory.getbasetemp() / "tiny_base_assets"
+    if not (out / "config.json").is_file():
+        make_base_assets(out)
+    return out
+
+
 def base_config(assets: Path) -> dict[str, Any]:
     return json.loads((assets / "config.json").read_text())
 
@@ -94,3 +102,18 @@ def write_dsaa_checkpoint(out: Path, model: LMModel, tokenizer: Any, repo: str =
     from moshi.models.dsaa_loading import save_dsaa_checkpoint
 
     return save_dsaa_checkpoint(model, out, tokenizer, hf_repo_id=repo, weights_name="consolidated.safetensors")
+
+
+_DSAA: dict[Path, tuple[LMModel, Path]] = {}
+
+
+def shared_dsaa_checkpoint(tmp_path_factory: Any) -> tuple[LMModel, Path]:
+    """A tiny DSAA model whose audio side fits the base assets' Mimi (64 bins, 4 + 4 codebooks), initialised as
+    ``setup_new_model`` does, and its checkpoint folder; built once per test session."""
+    root = tmp_path_factory.getbasetemp()
+    if root not in _DSAA:
+        from tests.dsaa.tiny_llm import tiny_dsaa, train_tokenizer
+
+        model = tiny_dsaa(card=64, n_q=8, dep_q=4, delays=[0] + [0, 1, 1, 1] * 2)
+        _DSAA[root] = (model, write_dsaa_checkpoint(root / "tiny_dsaa" / "consolidated", model, train_tokenizer()))
+    return _DSAA[root]

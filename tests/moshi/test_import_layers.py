@@ -16,6 +16,9 @@ import moshi.models.dsaa
 import moshi.models.dsaa_loading
 import moshi.models.lm_gen
 import moshi.models.loaders
+import moshi.models.model_loading
+import moshi.run_inference
+import moshi.utils.cuda_graph
 print(json.dumps(sorted(sys.modules)))
 """
 

@@ -15,7 +15,7 @@ from tests.helpers import checkpoints as ck
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    return ck.make_base_assets(tmp_path_factory.mktemp("assets"))
+    return ck.shared_base_assets(tmp_path_factory)
 
 
 def _codes(model, steps: int = 5) -> torch.Tensor:
@@ -89,6 +89,10 @@ def test_lora_export_fused_and_unfused(assets, tmp_path):
                           config=ckpt / "consolidated" / "config.json", device="cpu")
     assert explicit.kind == "lora"
     torch.testing.assert_close(_logits(explicit.lm, codes), want, **FUSED_TOL)
+    from_folder = load_model(assets, lora_weight=ckpt / "consolidated" / "lora.safetensors",
+                             config=ckpt / "consolidated" / "config.json", device="cpu")
+    assert from_folder.kind == "lora" and from_folder.sources["weights"] == str(assets / "model.safetensors")
+    torch.testing.assert_close(_logits(from_folder.lm, codes), want, **FUSED_TOL)
 
 
 def test_merged_and_full_exports(assets, tmp_path):
@@ -150,11 +154,7 @@ def test_folder_without_weights_and_missing_paths(tmp_path):
 
 @pytest.fixture(scope="module")
 def dsaa_checkpoint(tmp_path_factory):
-    from tests.dsaa.tiny_llm import tiny_dsaa, train_tokenizer
-
-    model = tiny_dsaa(card=64, n_q=8, dep_q=4, delays=[0] + [0, 1, 1, 1] * 2)
-    out = ck.write_dsaa_checkpoint(tmp_path_factory.mktemp("dsaa") / "consolidated", model, train_tokenizer())
-    return model, out
+    return ck.shared_dsaa_checkpoint(tmp_path_factory)
 
 
 def test_dsaa_checkpoint_loads_offline_with_its_llm_and_tokenizer(assets, dsaa_checkpoint):

@@ -1,0 +1,1 @@
+"""Spoken-LM benchmark sets built from their released layouts, and paired comparisons of their results."""
