@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", required=True, help="audio file to say (any rate; channel 0)")
     p.add_argument("--output", default=None, help="wav file for the model's reply")
     p.add_argument("--transcript", default=None, help="text file for the model's text pieces")
-    p.add_argument("--fast", action="store_true", help="send as fast as possible instead of in real time")
+    p.add_argument("--fast", action="store_true", help="send as fast as possible instead of in real time; the server keeps only its latest --max-backlog-ms of unprocessed input, so faster than real time most of a long file is dropped")
     args = p.parse_args(argv)
     base = args.url or f"{'https' if args.https else 'http'}://{args.host}:{args.port}"
     url = base.rstrip("/").replace("http", "ws", 1) + "/api/chat" + (f"?{args.query}" if args.query else "")
