@@ -35,6 +35,7 @@ from moshi.models.model_loading import LoadedModel
 logger = logging.getLogger(__name__)
 
 BASE = "base"
+EVAL_SET_DATA_KEYS = ("swuggy_data", "sblimp_data", "ssc_data", "cd_data", "mmlu_data", "eval_loss_data", "eval_data")
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,12 +45,13 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run's checkpoints/checkpoint_N, its consolidated/ folder, a DSAA checkpoint or a "
                              "weights file; repeat for several; 'base' = the config's base model (default: base)")
     parser.add_argument("--set", dest="evaluation_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an evaluation key, e.g. --set text_row=pad --set codebooks=[0]")
+                        help="override an evaluation key, e.g. --set text_row=pad --set codebooks=[0], or name a "
+                             "set folder, e.g. --set data.cd_data=eval/cd_mine")
 
 
 def load_config(path: Path, overrides: Sequence[str]) -> TrainArgs:
-    """The config with `evaluation.KEY=VALUE` overrides (YAML values); only the `evaluation:` keys are checked
-    (the training data need not exist where the benchmarks run)."""
+    """The config with `evaluation.KEY=VALUE` overrides (YAML values) and `data.<set>_data=PATH` set folders;
+    only the `evaluation:` keys are checked (the training data need not exist where the benchmarks run)."""
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
     if not isinstance(raw, dict):
         raise FileNotFoundError(f"config file not found or not a mapping: {path}")
@@ -59,7 +61,17 @@ def load_config(path: Path, overrides: Sequence[str]) -> TrainArgs:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE (an evaluation key), got {item!r}")
-        section[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if key.startswith("data."):
+            name = key.removeprefix("data.")
+            if name not in EVAL_SET_DATA_KEYS:
+                raise ValueError(f"--set {key}: only the evaluation set folders can be set here "
+                                 f"({', '.join('data.' + k for k in EVAL_SET_DATA_KEYS)})")
+            data = raw.get("data") or {}
+            raw["data"] = data
+            data[name] = value
+            continue
+        section[key] = yaml.safe_load(value)
     args = TrainArgs.from_dict(raw, validate=False, source=str(path))
     errors = evaluation_key_errors(args.evaluation)
     if errors:
