@@ -248,9 +248,9 @@ def extract(
     """Stores ``compute(codes)`` (``name -> [B, T, dim]``) for the valid frames of every batch not yet in
     ``writer``.
 
-    For the first ``timed_batches`` new batches a plain forward (``model(codes)``, no hooks) also runs on the
-    same batch, so the extraction's cost (``compute`` plus moving the rows to the host in the storage dtype)
-    can be compared with it; the disk writes are timed apart.
+    For the first ``timed_batches`` new batches (after one untimed warm-up forward) a plain forward
+    (``model(codes)``, no hooks) also runs on the same batch, so the extraction's cost (``compute`` plus moving
+    the rows to the host in the storage dtype) can be compared with it; the disk writes are timed apart.
 
     Args:
         keep: selects frames of a batch (bool ``[B, T]``), e.g. a seeded subsample.
@@ -267,6 +267,9 @@ def extract(
     for batch in progress(todo) if progress is not None else todo:
         batch = replace(batch, codes=batch.codes.to(device))
         timed = timing.batches < timed_batches
+        if timed and timing.batches == 0:
+            with torch.no_grad():  # untimed warm-up: first-call costs would be charged to the plain forward
+                model(batch.codes)
         if timed:
             with torch.no_grad():
                 _sync(device)
