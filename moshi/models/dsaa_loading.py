@@ -28,7 +28,7 @@ from .dsaa import dsaa_dims, dsaa_lm_model, dsaa_path
 from .dsaa_config import TextLLMSpec
 from .dsaa_tokens import SpecialTokens, resolve_special_tokens
 from .lm import LMModel
-from .loaders import _NON_LM_CONFIG_KEYS, _prepare_lm_kwargs, check_state_dict_keys, hf_get
+from .loaders import _NON_LM_CONFIG_KEYS, _prepare_lm_kwargs, check_state_dict_keys, hf_get, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -224,16 +224,6 @@ def build_dsaa_model(
     )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def _split_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``(Moshi LM kwargs, dsaa block or None)`` of a ``config.json``."""
     lm = copy.deepcopy(dict(raw))
@@ -316,7 +306,7 @@ def load_dsaa_checkpoint(
     weights, config_path = find_weights(path)
     if config_path is None:
         raise FileNotFoundError(f"{weights}: no config.json beside it; not a DSAA checkpoint")
-    raw = _read_config(config_path)
+    raw = read_json_object(config_path)
     lm_kwargs, block_raw = _split_config(raw)
     if block_raw is None:
         raise ValueError(f"{config_path} has no 'dsaa' block; not a DSAA checkpoint")
@@ -416,7 +406,7 @@ def load_dsaa_model(
     weights, config_path = find_weights(
         hf_get(str(moshi_path)) if isinstance(moshi_path, str) else moshi_path
     )
-    raw = _read_config(config_path) if config_path is not None else {}
+    raw = read_json_object(config_path) if config_path is not None else {}
     if "dsaa" in raw:
         return load_dsaa_checkpoint(weights, device=device, dtype=dtype, text_llm=text_llm)
     if lm_kwargs is None:

@@ -150,9 +150,10 @@ def _config_file(hf_repo: str, revision: str | None) -> Path | None:
         return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a config); errors name the file and the line."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
@@ -214,7 +215,7 @@ class CheckpointInfo:
             lm_config = None
             meta = copy.deepcopy(_NON_LM_CONFIG_KEYS)
         else:
-            raw_config = _read_json(resolved)
+            raw_config = read_json_object(resolved)
             lm_config = copy.deepcopy(raw_config)
             meta = {key: lm_config.pop(key, copy.deepcopy(default)) for key, default in _NON_LM_CONFIG_KEYS.items()}
 
@@ -227,9 +228,9 @@ class CheckpointInfo:
 
         mimi_config = None
         if mimi_config_path is not None:
-            mimi_config = _read_json(hf_get(mimi_config_path))
+            mimi_config = read_json_object(hf_get(mimi_config_path))
         elif meta["mimi_config_name"] is not None:
-            mimi_config = _read_json(hf_get(meta["mimi_config_name"], hf_repo, revision=revision))
+            mimi_config = read_json_object(hf_get(meta["mimi_config_name"], hf_repo, revision=revision))
 
         def resolve_required(explicit: Path | str | None, key: str) -> Path:
             path = resolve(explicit, meta[key])

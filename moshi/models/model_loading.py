@@ -19,7 +19,6 @@ SentencePiece tokenizer, the base weights of a LoRA export) resolves through
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,14 @@ from .dsaa import is_dsaa
 from .dsaa_loading import classify_state, load_dsaa_checkpoint, load_dsaa_model
 from .lm import LMModel
 from .lm_gen import LMGen
-from .loaders import DEFAULT_REPO, CheckpointInfo, get_mimi, get_moshi_lm, mimi_codebooks_for_lm
+from .loaders import (
+    DEFAULT_REPO,
+    CheckpointInfo,
+    get_mimi,
+    get_moshi_lm,
+    mimi_codebooks_for_lm,
+    read_json_object,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,16 +130,6 @@ class _Files:
     weights: Path
     config_path: Path | None
     config: dict[str, Any]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def checkpoint_files(checkpoint: str | Path) -> tuple[Path, Path | None]:
@@ -245,7 +241,7 @@ def load_model(
     files = None
     if checkpoint is not None:
         weights, config_path = checkpoint_files(checkpoint)
-        files = _Files(weights, config_path, _read_json(config_path) if config_path is not None else {})
+        files = _Files(weights, config_path, read_json_object(config_path) if config_path is not None else {})
         if lora_weight is not None and weights.name != MODEL_FILE:
             raise ValueError(f"lora_weight={lora_weight} cannot be combined with the checkpoint {weights}")
 
