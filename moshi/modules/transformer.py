@@ -57,7 +57,18 @@ class RMSNorm(nn.Module):
         x_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        return _RMSNormFunction.apply(x, self.alpha.to(x.dtype), self.eps).to(x_dtype)
+        alpha = self.alpha.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+            return _RMSNormFunction.apply(x, alpha, self.eps).to(x_dtype)
+        # Nothing to differentiate: the same ops without the autograd.Function call (tens of microseconds each,
+        # a few milliseconds over a streaming frame's dozens of norms).
+        return _rms_norm(x, alpha, self.eps)[0].to(x_dtype)
+
+
+def _rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x · (alpha · r), r)`` with ``r = rsqrt(eps + mean(x²))`` over the last axis."""
+    r = torch.rsqrt(eps + torch.mean(x * x, dim=-1, keepdim=True))
+    return x * (alpha * r), r
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -72,9 +83,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        r = torch.rsqrt(eps + torch.mean(x * x, dim=-1, keepdim=True))
+        out, r = _rms_norm(x, alpha, eps)
         ctx.save_for_backward(x, alpha, r)
-        return x * (alpha * r)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -415,7 +426,8 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         def slot_positions(end: torch.Tensor, used: int) -> torch.Tensor:
             return end.view(B, 1) - C + (arange_c[:used].view(1, used) - end.view(B, 1)) % C
 
-        concatenate = T > 1 and state.offset_cpu + T > C
+        # A captured graph is replayed after the ring wraps, so it always takes the concatenating path.
+        concatenate = T > 1 and (capturing or state.offset_cpu + T > C)
         if concatenate:
             used = written(state.offset_cpu)
             pos_old = slot_positions(state.offset, used)
