@@ -34,21 +34,35 @@ class _LMGenState(State):
     initial: torch.Tensor  # [B, K, 1] initial tokens
     seeds: list[int] | None = None  # per item, with their generators
     generators: list[torch.Generator] = field(default_factory=list)
+    # The depformer's streaming modules and their states, rewound at every frame rather than rebuilt.
+    depformer: list[tuple[StreamingModule, State]] = field(default_factory=list)
+    steps: int = 0  # calls since the start or the last reset of every item; no item has run more
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.seeds is not None:
             self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
 
-    def reset(self, reset_mask: torch.Tensor) -> None:
+    def _clear(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         self.offsets[:] = torch.where(reset_mask, torch.zeros_like(self.offsets), self.offsets)
         self.cache[:] = torch.where(
             reset_mask.view(-1, 1, 1), torch.full_like(self.cache, UNGENERATED_TOKEN_ID), self.cache
         )
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        self._clear(reset_mask)
         if self.seeds is not None:
             for i in torch.nonzero(reset_mask.cpu()).flatten().tolist():
                 self.generators[i].manual_seed(self.seeds[i])
+        if bool(reset_mask.all()):
+            self.steps = 0
+
+    def reset_all(self) -> None:
+        self._clear(torch.ones_like(self.exec_mask))
+        for generator, seed in zip(self.generators, self.seeds or []):
+            generator.manual_seed(seed)
+        self.steps = 0
 
 
 class LMGen(StreamingModule[_LMGenState]):
@@ -56,7 +70,8 @@ class LMGen(StreamingModule[_LMGenState]):
 
     Args:
         lm_model (LMModel): the model, in eval mode. It is a child of this module, so ``lm_gen.streaming`` also
-            streams the temporal transformer; the depformer gets a fresh streaming context at every frame.
+            streams the temporal transformer; the depformer's streaming state is created with this module's and
+            rewound at every frame (the depformer streams over the codebooks of one frame).
         use_sampling (bool): sample (else greedy).
         temp (float), top_k (int): audio sampling.
         temp_text (float), top_k_text (int): text sampling.
@@ -151,11 +166,13 @@ class LMGen(StreamingModule[_LMGenState]):
         )
         offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         initial = lm.initial_tokens(device).expand(batch_size, -1, -1)
+        depformer = [(module, module._init_streaming_state(batch_size)) for _, module in lm.depformer._streaming_modules()]
         # Captured graphs point at the previous state's buffers.
         self._temporal.reset()
         self._depformer.reset()
         return _LMGenState(
-            batch_size, device, cache=cache, offsets=offsets, initial=initial, seeds=self._item_seeds(batch_size)
+            batch_size, device, cache=cache, offsets=offsets, initial=initial, seeds=self._item_seeds(batch_size),
+            depformer=depformer,
         )
 
     def _generators(self) -> Generators:
@@ -175,13 +192,24 @@ class LMGen(StreamingModule[_LMGenState]):
     def _sample_depformer(self, text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
         lm = self.lm_model
         B = text_token.shape[0]
+        state = self._streaming_state
+        if state is None:
+            raise RuntimeError("LMGen.depformer_step must run inside `with lm_gen.streaming(batch_size):`")
+        # The states are installed only for this frame, so the depformer is never left streaming; rewinding them
+        # reads nothing back from the device, so a captured graph replays it too.
+        for module, module_state in state.depformer:
+            module_state.reset_all()
+            module._streaming_state = module_state
         previous = text_token
         tokens = []
-        with lm.depformer.streaming(B):
+        try:
             for c in range(lm.dep_q):
                 logits = lm.forward_depformer(c, previous, transformer_out)
                 previous = self._sample(logits, self.temp, self.top_k)  # [B, 1, 1]
                 tokens.append(previous[:, 0])
+        finally:
+            for module, _ in state.depformer:
+                module._streaming_state = None
         return torch.stack(tokens, dim=1).view(B, lm.dep_q, 1)
 
     @torch.no_grad()
@@ -244,10 +272,13 @@ class LMGen(StreamingModule[_LMGenState]):
         old = own_cache.gather(2, write)
         own_cache.scatter_(2, write, torch.where(exec_mask.view(B, 1, 1), generated, old))
 
-        # 6-7. the un-delayed frame, once every stream has caught up.
-        ready = offsets > self.max_delay
-        if not bool(ready.any()):
+        # 6-7. the un-delayed frame, once a stream may have caught up. No item has run more steps than the
+        # generator (``state.steps``), so the first ``max_delay`` steps are known to have none, without asking
+        # the device; after that, items not caught up yet (reset or skipped by the exec mask) get -2.
+        state.steps += 1
+        if state.steps <= self.max_delay:
             return None, transformer_out
+        ready = offsets > self.max_delay
         out_slots = ((offsets.view(B, 1) - self.max_delay + delays[:first_user].view(1, -1)) % CT).unsqueeze(-1)
         out = own_cache.gather(2, out_slots)
         valid = (ready & exec_mask).view(B, 1, 1)
@@ -266,8 +297,9 @@ class LMGen(StreamingModule[_LMGenState]):
                 sampling them.
 
         Returns:
-            ``None`` during the first ``max_delay`` steps, then int64 ``[B, 1 + dep_q, 1]``: the text token and
-            the ``dep_q`` audio tokens of one (un-delayed) frame; ``-2`` for items not ready or not executed.
+            ``None`` during the first ``max_delay`` steps (since streaming started or every item was reset), then
+            int64 ``[B, 1 + dep_q, 1]``: the text token and the ``dep_q`` audio tokens of one (un-delayed) frame;
+            ``-2`` for items not ready (reset or skipped by the exec mask since) or not executed.
         """
         out, _ = self._step(input_tokens, depformer_replace_tokens)
         return out

@@ -66,6 +66,15 @@ class State:
         """
         self.exec_mask[:] = torch.where(reset_mask, torch.ones_like(self.exec_mask), self.exec_mask)
 
+    def reset_all(self) -> None:
+        """Returns every item to its initial state without reading anything back from the device.
+
+        A masked :meth:`reset` may have to ask the device whether every item was reset (to zero a host-side step
+        counter); with no mask the answer is known, so a full reset costs no host sync and may run inside a CUDA
+        graph capture. States with such counters override this to zero them.
+        """
+        self.reset(torch.ones_like(self.exec_mask))
+
 
 StateT = TypeVar("StateT", bound=State)
 
@@ -147,10 +156,10 @@ class StreamingModule(nn.Module, Generic[StateT], abc.ABC):
             state = module._streaming_state
             if state is None:
                 raise RuntimeError(f"module {name or type(module).__name__!r} is not streaming")
-            mask = reset_mask
-            if mask is None:
-                mask = torch.ones(state.batch_size, dtype=torch.bool, device=state.device)
-            state.reset(mask.to(state.device))
+            if reset_mask is None:
+                state.reset_all()
+            else:
+                state.reset(reset_mask.to(state.device))
 
         self._apply_streaming(reset)
 

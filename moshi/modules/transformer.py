@@ -57,7 +57,18 @@ class RMSNorm(nn.Module):
         x_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        return _RMSNormFunction.apply(x, self.alpha.to(x.dtype), self.eps).to(x_dtype)
+        alpha = self.alpha.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+            return _RMSNormFunction.apply(x, alpha, self.eps).to(x_dtype)
+        # Nothing to differentiate: the same ops without the autograd.Function call (tens of microseconds each,
+        # a few milliseconds over a streaming frame's dozens of norms).
+        return _rms_norm(x, alpha, self.eps)[0].to(x_dtype)
+
+
+def _rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x · (alpha · r), r)`` with ``r = rsqrt(eps + mean(x²))`` over the last axis."""
+    r = torch.rsqrt(eps + torch.mean(x * x, dim=-1, keepdim=True))
+    return x * (alpha * r), r
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -72,9 +83,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        r = torch.rsqrt(eps + torch.mean(x * x, dim=-1, keepdim=True))
+        out, r = _rms_norm(x, alpha, eps)
         ctx.save_for_backward(x, alpha, r)
-        return x * (alpha * r)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -267,6 +278,11 @@ class _AttentionState(State):
         if bool(reset_mask.all()):
             self.offset_cpu = 0
 
+    def reset_all(self) -> None:
+        State.reset(self, torch.ones_like(self.exec_mask))
+        self.offset.zero_()
+        self.offset_cpu = 0
+
 
 class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
     """Causal self-attention with fused projections, RoPE, a sliding ``context`` and a ring KV cache.
@@ -383,8 +399,11 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
 
         With ``T == 1`` the new step is written first and the buffer is returned (the overwritten slot is
         exactly ``context`` steps old, hence invisible). With ``T > 1`` a write could evict keys still visible to
-        the first queries of the chunk, so the old buffer and the new steps are returned concatenated: chunked
-        streaming then equals the full-sequence pass for any chunk size.
+        the first queries of the chunk, so once the buffer may wrap the old buffer and the new steps are returned
+        concatenated: chunked streaming then equals the full-sequence pass for any chunk size. Before that
+        (``offset_cpu + T <= capacity``) nothing is evicted and slot ``i`` holds position ``i``, so the steps
+        are written first and the buffer's prefix is returned: the same keys in the same order, without copying
+        the whole prefix twice per call (Mimi's 25 Hz transformers take two steps per frame).
 
         Until the buffer has wrapped, only its first ``offset_cpu`` (+ ``T``) slots can hold keys (no item has
         run more steps than the module), so only those are returned: the attention of a conversation shorter
@@ -407,7 +426,9 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         def slot_positions(end: torch.Tensor, used: int) -> torch.Tensor:
             return end.view(B, 1) - C + (arange_c[:used].view(1, used) - end.view(B, 1)) % C
 
-        if T > 1:
+        # A captured graph is replayed after the ring wraps, so it always takes the concatenating path.
+        concatenate = T > 1 and (capturing or state.offset_cpu + T > C)
+        if concatenate:
             used = written(state.offset_cpu)
             pos_old = slot_positions(state.offset, used)
             keys = torch.cat([cache[0, :, :, :used], k.to(cache.dtype)], dim=2)
@@ -421,7 +442,7 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         new = torch.stack([k[:, :, T - n_write :], v[:, :, T - n_write :]]).to(cache.dtype)
         old = cache.gather(3, index)
         cache.scatter_(3, index, torch.where(exec_mask.view(1, B, 1, 1, 1), new, old))
-        if T > 1:
+        if concatenate:
             return keys, values, positions
         end = state.offset + T * exec_mask.long()
         used = written(state.offset_cpu + T)
@@ -522,6 +543,10 @@ class _LayerState(State):
         super().reset(reset_mask)
         if bool(reset_mask.all()):
             self.offset_cpu = 0
+
+    def reset_all(self) -> None:
+        State.reset(self, torch.ones_like(self.exec_mask))
+        self.offset_cpu = 0
 
 
 class StreamingTransformerLayer(StreamingModule[_LayerState]):

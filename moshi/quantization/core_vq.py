@@ -28,6 +28,9 @@ def _version_of(tensor: torch.Tensor) -> int | None:
     except RuntimeError:
         return None
 
+# ``torch.cdist`` computes L2 distances directly when neither side has more rows than this, else by a matmul.
+_CDIST_DIRECT_MAX = 25
+
 
 class EuclideanCodebook(nn.Module):
     """A codebook of ``codebook_size`` vectors of size ``dim``; codes are nearest centroids in L2 distance.
@@ -73,7 +76,7 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("cluster_usage", torch.ones(codebook_size, **f32))
         self.register_buffer("embedding_sum", torch.randn(codebook_size, dim, **f32))
         self._cache_key: Any = None
-        self._cache: torch.Tensor | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # Older checkpoints name the buffers differently; rename them before the strict key check.
@@ -83,27 +86,47 @@ class EuclideanCodebook(nn.Module):
         self._cache_key = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    @property
-    def embedding(self) -> torch.Tensor:
-        """The centroids ``[codebook_size, dim]`` (float32), recomputed only when the buffers changed."""
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centroids ``[codebook_size, dim]`` and their distance operand ``[1, codebook_size, dim + 2]``.
+
+        The operand is ``[centroid | 1 | ||centroid||^2]``: one matmul with ``[-2 x | ||x||^2 | 1]`` gives the
+        squared distances. ``torch.cdist`` builds that same operand for every call (a full pass over the codebook,
+        about a fifth of a streaming encode); built once here, the distances come from the very same matmul.
+        """
         usage, total = self.cluster_usage, self.embedding_sum
         versions = (_version_of(usage), _version_of(total))
         key = (usage.data_ptr(), total.data_ptr(), usage.device, *versions)
         if self._cache is None or key != self._cache_key or None in versions:
-            self._cache = total / usage.clamp(min=self.epsilon)[:, None]
+            centroids = (total / usage.clamp(min=self.epsilon)[:, None])[None]
+            norms = centroids.pow(2).sum(-1, keepdim=True)
+            operand = torch.cat([centroids, torch.ones_like(norms), norms], dim=-1)
+            self._cache = (centroids[0], operand)
             self._cache_key = key
         return self._cache
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The centroids ``[codebook_size, dim]`` (float32), recomputed only when the buffers changed."""
+        return self._cached()[0]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest codeword of each vector: ``x [..., dim]`` -> codes ``[...]`` (int64).
 
-        Uses ``torch.cdist`` then ``argmin`` as Kyutai does, so ties and near-ties resolve identically.
+        The distances are those of ``torch.cdist`` (Kyutai's choice) computed the way it computes them, then
+        ``argmin``, so ties and near-ties resolve identically: past 25 vectors on either side, ``cdist`` expands
+        ``||x - c||^2`` into one matmul (:meth:`_cached`); below, it sums the squared differences directly.
         """
         if x.shape[-1] != self.dim:
             raise ValueError(f"codebook expects vectors of size {self.dim}, got shape {tuple(x.shape)}")
-        flat = x.reshape(-1, self.dim).float()
-        distances = torch.cdist(flat[None], self.embedding[None], p=2)[0]
-        return distances.argmin(dim=-1).view(x.shape[:-1])
+        flat = x.reshape(-1, self.dim).float()[None]
+        centroids, operand = self._cached()
+        if flat.shape[1] <= _CDIST_DIRECT_MAX and self.codebook_size <= _CDIST_DIRECT_MAX:
+            distances = torch.cdist(flat, centroids[None], p=2)
+        else:
+            norms = flat.pow(2).sum(-1, keepdim=True)
+            expanded = torch.cat([flat.mul(-2), norms, torch.ones_like(norms)], dim=-1)
+            distances = expanded.matmul(operand.mT).clamp_min_(0).sqrt_()
+        return distances[0].argmin(dim=-1).view(x.shape[:-1])
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codewords of ``codes [...]`` -> ``[..., dim]`` (float32)."""

@@ -124,3 +124,73 @@ def test_cfg_is_refused_and_cuda_graphs_are_off_on_cpu(monkeypatch):
     with pytest.raises(ValueError, match="seed has 1 values for a batch of 2"):
         with LMGen(model, seed=[1]).streaming(2):
             pass
+
+
+def test_step_counter_gives_none_then_minus_two_for_items_not_caught_up():
+    """``None`` exactly during the first ``max_delay`` steps after the start or a full reset; afterwards an item
+    gets tokens exactly when it has executed more than ``max_delay`` steps since its own reset and is executed
+    now (per-item offsets kept under exec masks and per-slot resets), else -2."""
+    model = filled_small_lm()
+    gen = LMGen(model, use_sampling=False)
+    max_delay = gen.max_delay
+    assert max_delay >= 1
+    # (exec mask, slots reset before the step); None = full reset_streaming()
+    plan = [([1, 1], []), ([0, 1], []), ([1, 1], []), ([1, 0], []), ([1, 1], [0]), ([1, 1], []), ([0, 0], []),
+            ([1, 1], None), ([1, 1], []), ([1, 1], []), ([0, 1], [1]), ([1, 1], [])]
+    executed = [0, 0]
+    since_full_reset = 0
+    with gen.streaming(2):
+        for step, (mask, reset) in enumerate(plan):
+            if reset is None:
+                gen.reset_streaming()
+                executed, since_full_reset = [0, 0], 0
+            elif reset:
+                gen.reset_streaming(torch.tensor([i in reset for i in range(2)]))
+                executed = [0 if i in reset else executed[i] for i in range(2)]
+            gen.set_exec_mask(torch.tensor(mask, dtype=torch.bool))
+            out = gen.step(_user(step, 2))
+            since_full_reset += 1
+            executed = [n + m for n, m in zip(executed, mask)]
+            if since_full_reset <= max_delay:
+                assert out is None, step
+                continue
+            for i in range(2):
+                ready = bool(mask[i]) and executed[i] > max_delay
+                assert bool((out[i] >= 0).all()) == ready and bool((out[i] == -2).all()) == (not ready), (step, i)
+
+
+def test_skipped_steps_leave_an_item_on_its_own_stream():
+    """Item 1, skipped by the exec mask for two steps, produces the tokens of its executed steps run alone."""
+    model = filled_small_lm()
+    gen = LMGen(model, use_sampling=False)
+    masks = [[1, 1], [1, 0], [1, 0], [1, 1], [1, 1], [1, 1], [1, 1]]
+    inputs = [_user(s, 2) for s in range(len(masks))]
+    with gen.streaming(2):
+        outs = []
+        for mask, user in zip(masks, inputs):
+            gen.set_exec_mask(torch.tensor(mask, dtype=torch.bool))
+            outs.append(gen.step(user))
+    skipped = torch.cat([o[1:2] for o, m in zip(outs, masks) if o is not None and m[1] and (o[1] >= 0).all()], 2)
+    alone = LMGen(model, use_sampling=False)
+    with alone.streaming(1):
+        frames = [alone.step(user[1:2]) for user, m in zip(inputs, masks) if m[1]]
+    assert torch.equal(skipped, torch.cat([f for f in frames if f is not None], dim=2))
+
+
+def test_rewound_depformer_state_samples_as_a_fresh_one():
+    """Every frame's audio tokens equal a greedy depformer pass in a brand-new streaming context, and the
+    depformer is not left streaming between frames."""
+    model = filled_small_lm()
+    texts, audios = [], []
+    gen = LMGen(model, use_sampling=False, on_text_hook=texts.append, on_audio_hook=audios.append)
+    with gen.streaming(2):
+        for step in range(5):
+            _, transformer_out = gen._step(_user(step, 2))
+            assert not model.depformer.is_streaming
+            previous = texts[-1].unsqueeze(-1)  # [B, 1, 1]
+            expected = []
+            with torch.no_grad(), model.depformer.streaming(2):
+                for c in range(model.dep_q):
+                    previous = model.forward_depformer(c, previous, transformer_out).argmax(-1)
+                    expected.append(previous[:, 0, 0])
+            assert torch.equal(audios[-1], torch.stack(expected, dim=1)), step

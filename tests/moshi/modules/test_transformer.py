@@ -460,3 +460,16 @@ def test_kv_repeat_with_rope_equals_repeated_kv_heads():
         full.out_projs[0].weight.copy_(gqa.out_projs[0].weight)
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(gqa(x), full(x))
+
+
+def test_rms_norm_without_grad_gives_the_autograd_path_bits():
+    """Under ``no_grad`` the norm skips its autograd.Function but runs the same ops on the same shapes."""
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.alpha.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        fast = norm(x)
+    tracked = norm(x.clone().requires_grad_())
+    assert tracked.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, tracked.detach())

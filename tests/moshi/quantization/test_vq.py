@@ -57,6 +57,18 @@ def test_codebook_cache_follows_buffer_changes():
     torch.testing.assert_close(codebook.embedding, new)
 
 
+@pytest.mark.parametrize("rows,size", [(1, 2048), (30, 64), (5, 16), (40, 16)])
+def test_codebook_codes_equal_cdist_argmin(rows, size):
+    """The cached distance operand reproduces ``torch.cdist``'s own computation: same codes, bit for bit
+    (both sides run the same matmul on the same shapes, or ``cdist`` itself below its matmul threshold)."""
+    torch.manual_seed(rows + size)
+    codebook = EuclideanCodebook(dim=32, codebook_size=size)
+    _set_codebook(codebook, torch.randn(size, 32), torch.rand(size) + 0.5)
+    x = torch.randn(2, rows, 32)
+    expected = torch.cdist(x.reshape(1, -1, 32), codebook.embedding[None], p=2)[0].argmin(-1).view(2, rows)
+    assert torch.equal(codebook.encode(x), expected)
+
+
 def test_codebook_accepts_legacy_buffer_names():
     codebook = EuclideanCodebook(dim=2, codebook_size=3)
     total, usage = torch.randn(3, 2), torch.rand(3) + 1.0
