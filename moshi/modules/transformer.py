@@ -7,6 +7,7 @@ attention names (``self_attn.in_proj_weight``/``out_proj.weight``) that publishe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,6 +189,40 @@ def step_indices(num_steps: int, offset: int, schedule: Sequence[int] | None) ->
     return [schedule[s] for s in steps]
 
 
+def _ring_spans(src_begin: int, slot: int, count: int, capacity: int) -> list[tuple[int, int, int]]:
+    """``(source index, slot, length)`` runs that write ``count`` steps from ``src_begin`` into a ring buffer of
+    ``capacity`` slots starting at ``slot``: one run, or two when the write passes the end."""
+    head = min(count, capacity - slot)
+    spans = [(src_begin, slot, head)]
+    if head < count:
+        spans.append((src_begin + head, 0, count - head))
+    return spans
+
+
+@functools.lru_cache(maxsize=1024)
+def _aligned_chunk_mask(start: int, T: int, C: int, context: int | None, device: torch.device) -> torch.Tensor:
+    """Causal visibility ``[T, S]`` of a ``T``-step chunk at position ``start`` over the keys an aligned ring
+    buffer of ``C`` slots returns (see ``StreamingMultiheadAttention._append_kv_aligned``).
+
+    Before the chunk could wrap (``start + T <= C``) the keys are slots ``0 .. start + T - 1``, slot ``i``
+    holding position ``i``; otherwise they are the ``min(C, start)`` old slots, slot ``j`` holding position
+    ``start - C + (j - start) mod C``, followed by the chunk's own steps. Query ``t`` (position ``start + t``)
+    sees the keys at most ``context - 1`` steps older than itself and none after it.
+    """
+    steps = torch.arange(T)
+    if start + T > C:
+        used = min(C, start)
+        old = start - C + torch.remainder(torch.arange(used) - start, C)
+        positions = torch.cat([old, start + steps])
+    else:
+        positions = torch.arange(start + T)
+    delta = (start + steps).view(T, 1) - positions.view(1, -1)
+    mask = delta >= 0
+    if context is not None:
+        mask &= delta < context
+    return mask.to(device)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
@@ -271,17 +306,28 @@ class _AttentionState(State):
     kv_cache: torch.Tensor  # [2, B, H_kv, capacity, head_dim], keys already rotated
     offset: torch.Tensor  # [B] int64: tokens seen per item (rope positions and ring-buffer end)
     offset_cpu: int = 0  # tokens seen by this module (all items), selects per-step weights
+    # Known on the host: every item has run exactly `offset_cpu` steps and runs the next call (no masked reset,
+    # no exec mask with a false entry, no CUDA graph capture since the last full reset). The ring slots and the
+    # visible keys then follow from `offset_cpu` alone, so a step needs no per-item index arithmetic.
+    aligned: bool = True
+
+    def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
+        super().set_exec_mask(exec_mask)
+        # Only a host mask is inspected: asking the device would cost a sync per call.
+        self.aligned = self.aligned and exec_mask.device.type == "cpu" and bool(exec_mask.all())
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         self.offset[:] = torch.where(reset_mask, torch.zeros_like(self.offset), self.offset)
-        if bool(reset_mask.all()):
+        self.aligned = bool(reset_mask.all())
+        if self.aligned:
             self.offset_cpu = 0
 
     def reset_all(self) -> None:
         State.reset(self, torch.ones_like(self.exec_mask))
         self.offset.zero_()
         self.offset_cpu = 0
+        self.aligned = True
 
 
 class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
@@ -391,6 +437,42 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         offset = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         return _AttentionState(batch_size, weight.device, kv_cache=kv_cache, offset=offset)
 
+    def _append_kv_aligned(
+        self, state: _AttentionState, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_append_kv` for an aligned state (see ``_AttentionState.aligned``): the same keys, values and
+        visibility, with the ring slots and the mask ``[T, S]`` (``None``: every key is visible) derived from
+        ``offset_cpu`` on the host instead of from per-item positions on the device.
+
+        The general path spends a dozen small kernels per step on positions, gathers and mask arithmetic; the
+        attention of the temporal transformer, the depformer and Mimi's transformers is called about forty times
+        per frame, so this is a large share of a streaming frame at batch 1. A single step needs no mask: the
+        slot it overwrites is ``capacity`` steps old, and every key left is within ``context`` of the query.
+        """
+        cache = state.kv_cache
+        C = cache.shape[3]
+        T = k.shape[2]
+        start = state.offset_cpu
+        concatenate = T > 1 and start + T > C
+        if concatenate:  # the write could evict keys the chunk's first queries still see
+            used = min(C, start)
+            keys = torch.cat([cache[0, :, :, :used], k.to(cache.dtype)], dim=2)
+            values = torch.cat([cache[1, :, :, :used], v.to(cache.dtype)], dim=2)
+        n_write = min(T, C)  # only the last C steps of the chunk stay in the buffer
+        first = (start + T - n_write) % C
+        for src_begin, slot, count in _ring_spans(T - n_write, first, n_write, C):
+            cache[0, :, :, slot : slot + count] = k[:, :, src_begin : src_begin + count]
+            cache[1, :, :, slot : slot + count] = v[:, :, src_begin : src_begin + count]
+        if not concatenate:
+            used = min(C, start + T)
+            keys, values = cache[0, :, :, :used], cache[1, :, :, :used]
+        mask = None
+        if T > 1 and self.causal:
+            # The mask depends on `start` only through `start % C` once the ring has wrapped.
+            phase = start if start < C else C + start % C
+            mask = _aligned_chunk_mask(phase, T, C, self.context, k.device)
+        return keys, values, mask
+
     def _append_kv(
         self, state: _AttentionState, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -419,6 +501,8 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         arange_c = torch.arange(C, device=device)
 
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:  # replays do not advance `offset_cpu`, so the host no longer knows where the items are
+            state.aligned = False
 
         def written(steps: int) -> int:
             return C if capturing else min(C, steps)
@@ -470,7 +554,10 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         offset_cpu = 0 if state is None else state.offset_cpu
         schedule = self.weights_per_step_schedule
         projected = apply_per_step_linear(self.in_projs, x, offset_cpu, schedule)  # [B, T, E + 2·kv_dim]
-        rope_offset = 0 if state is None else state.offset
+        aligned = state is not None and state.aligned and not (
+            x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        )
+        rope_offset: torch.Tensor | int = 0 if state is None else (offset_cpu if aligned else state.offset)
         # split/unbind rather than slices: their backwards concatenate or stack the gradients, where each slice's
         # backward would zero-fill a buffer the size of `projected`.
         if Hkv == H:  # q, k and v have the same shape: one rotation for q and k, one gradient buffer
@@ -496,6 +583,9 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
                     pos = torch.arange(T, device=x.device)
                     delta = pos.view(T, 1) - pos.view(1, T)
                     attn_mask = (delta >= 0) & (delta < self.context)
+        elif aligned:
+            k, v, attn_mask = self._append_kv_aligned(state, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         else:
             k, v, pos_k = self._append_kv(state, k, v)
             pos_q = state.offset.view(B, 1) + torch.arange(T, device=x.device)  # [B, T]
@@ -513,7 +603,10 @@ class StreamingMultiheadAttention(StreamingModule[_AttentionState]):
         out = out.transpose(1, 2).reshape(B, T, E)
         out = apply_per_step_linear(self.out_projs, out, offset_cpu, schedule)
         if state is not None:
-            state.offset += T * state.exec_mask.long()
+            if aligned:
+                state.offset += T
+            else:
+                state.offset += T * state.exec_mask.long()
             state.offset_cpu += T
         return out
 

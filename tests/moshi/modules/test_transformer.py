@@ -473,3 +473,60 @@ def test_rms_norm_without_grad_gives_the_autograd_path_bits():
     tracked = norm(x.clone().requires_grad_())
     assert tracked.requires_grad and not fast.requires_grad
     assert torch.equal(fast, tracked.detach())
+
+
+def _attention_states(model: nn.Module) -> list:
+    return [m._streaming_state for m in model.modules() if isinstance(m, StreamingMultiheadAttention)]
+
+
+@pytest.mark.parametrize("chunks", [[1] * 13, [2] * 7, [3, 1, 2, 7, 1, 4, 2]], ids=["steps", "pairs", "mixed"])
+@pytest.mark.parametrize("config", [MIMI_LIKE, LM_LIKE], ids=["mimi_like", "lm_like"])
+def test_aligned_ring_path_equals_the_per_item_path_and_the_full_pass(config, chunks):
+    # The aligned path derives slots and masks from the host step counter; the per-item path from positions on
+    # the device. Chunks of 1, 2, 3, 4 and 7 steps cross the ring's end (context 4 or 5) at every phase, and 7
+    # exceeds the capacity. Same shapes on both paths, so only accumulation order can differ.
+    torch.manual_seed(0)
+    model = StreamingTransformer(d_model=16, **config)
+    _randomize(model)
+    x = torch.randn(2, sum(chunks), 16)
+    bounds = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
+    outputs, caches = {}, {}
+    for aligned in (True, False):
+        with model.streaming(2):
+            for state in _attention_states(model):
+                state.aligned = aligned
+            outputs[aligned] = torch.cat([model(x[:, a:b]) for a, b in zip(bounds, bounds[1:])], 1)
+            states = _attention_states(model)
+            assert all(state.aligned == aligned for state in states)
+            caches[aligned] = [(s.kv_cache.clone(), s.offset.clone(), s.offset_cpu) for s in states]
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs[True], model(x), atol=1e-5, rtol=1e-5)
+    for (cache, offset, steps), (cache_ref, offset_ref, steps_ref) in zip(caches[True], caches[False]):
+        torch.testing.assert_close(cache, cache_ref, atol=1e-6, rtol=1e-6)
+        assert offset.tolist() == offset_ref.tolist() == [steps] * 2 and steps == steps_ref == x.shape[1]
+
+
+def test_aligned_flag_follows_exec_masks_and_resets():
+    model = StreamingTransformer(d_model=16, **LM_LIKE)
+    x = torch.randn(2, 1, 16)
+
+    def flags() -> set[bool]:
+        return {state.aligned for state in _attention_states(model)}
+
+    with model.streaming(2):
+        assert flags() == {True}
+        model.set_exec_mask(torch.tensor([True, True]))
+        model(x)
+        assert flags() == {True}
+        model.set_exec_mask(torch.tensor([True, False]))
+        assert flags() == {False}
+        model.set_exec_mask(torch.tensor([True, True]))  # item 1 is a step behind: still not aligned
+        model(x)
+        assert flags() == {False}
+        model.reset_streaming()
+        assert flags() == {True}
+        model(x)
+        model.reset_streaming(torch.tensor([False, True]))
+        assert flags() == {False}
+        model.reset_streaming(torch.tensor([True, True]))
+        assert flags() == {True} and {s.offset_cpu for s in _attention_states(model)} == {0}
