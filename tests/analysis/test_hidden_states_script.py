@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import torch
 
 from finetune.analysis.shards import ShardSet
-from tests.helpers.tiny_run import REPO
-
-
-def _script(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from tests.helpers.scripts import load_script
 
 
 def test_moshi_lora_checkpoint(moshi_lora_run, tmp_path, capsys):
@@ -26,7 +15,7 @@ def test_moshi_lora_checkpoint(moshi_lora_run, tmp_path, capsys):
     out = tmp_path / "states"
     args = [str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
             "--layers", "0,-1", "--timed-batches", "2"]
-    assert _script("get_hidden_states").main(args) == 0
+    assert load_script("get_hidden_states").main(args) == 0
     printed = capsys.readouterr().out
     assert "plain forward" in printed and "extraction" in printed
     shards = ShardSet(out)
@@ -40,7 +29,7 @@ def test_moshi_lora_checkpoint(moshi_lora_run, tmp_path, capsys):
 def test_dsaa_checkpoint(dsaa_run, tmp_path):
     config, checkpoint = dsaa_run
     out = tmp_path / "states"
-    assert _script("get_hidden_states").main(
+    assert load_script("get_hidden_states").main(
         [str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu", "--layers", "-1",
          "--store-dtype", "float32"]) == 0
     shards = ShardSet(out)
@@ -55,11 +44,11 @@ def test_analyze_states_compares_streams_and_two_checkpoints(moshi_lora_run, tmp
     config, checkpoint = moshi_lora_run
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     for out, extra in ((base, []), (tuned, ["--checkpoint", str(checkpoint)])):
-        assert _script("get_hidden_states").main(
+        assert load_script("get_hidden_states").main(
             [str(config), "--out", str(out), "--device", "cpu", "--timed-batches", "0", "--store-dtype",
              "float32", *extra]) == 0
     out = tmp_path / "analysis"
-    assert _script("analyze_states").main([str(base), str(tuned), "--out", str(out), "--device", "cpu"]) == 0
+    assert load_script("analyze_states").main([str(base), str(tuned), "--out", str(out), "--device", "cpu"]) == 0
     result = json.loads((out / "cka.json").read_text())
     labels = result["streams"]
     assert labels == ["A:layer.0", "A:layer.1", "A:out_norm", "B:layer.0", "B:layer.1", "B:out_norm"]
@@ -76,7 +65,7 @@ def test_analyze_states_compares_streams_and_two_checkpoints(moshi_lora_run, tmp
     assert 1 <= pca["components_90"] <= pca["components_95"] <= 64
 
     mini = tmp_path / "mini"
-    assert _script("analyze_states").main([str(base), "--out", str(mini), "--minibatch", "16",
+    assert load_script("analyze_states").main([str(base), "--out", str(mini), "--minibatch", "16",
                                            "--streams", "layer.1,out_norm"]) == 0
     assert json.loads((mini / "cka.json").read_text())["mode"] == "minibatch"
 
@@ -84,11 +73,11 @@ def test_analyze_states_compares_streams_and_two_checkpoints(moshi_lora_run, tmp
 def test_ranks_share_the_batches_of_one_process(moshi_lora_run, tmp_path, monkeypatch):
     config, _ = moshi_lora_run
     common = ["--device", "cpu", "--timed-batches", "0", "--layers", "-1", "--store-dtype", "float32"]
-    assert _script("get_hidden_states").main([str(config), "--out", str(tmp_path / "one"), *common]) == 0
+    assert load_script("get_hidden_states").main([str(config), "--out", str(tmp_path / "one"), *common]) == 0
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        assert _script("get_hidden_states").main([str(config), "--out", str(tmp_path / "two"), *common]) == 0
+        assert load_script("get_hidden_states").main([str(config), "--out", str(tmp_path / "two"), *common]) == 0
     two = ShardSet(tmp_path / "two")
     assert sorted(two.batches) == [(0, 0), (1, 0)]
     assert {p.name.split("-")[1] for p in (tmp_path / "two").glob("shard-*")} == {"r000", "r001"}

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from finetune.args import TrainArgs
-from tests.analysis.script_runner import run_script
+from tests.helpers.scripts import run_script
 from tests.helpers.tiny_run import make_tiny_assets, run_trainer, tiny_config
 
 pytestmark = pytest.mark.slow

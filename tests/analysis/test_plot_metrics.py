@@ -9,7 +9,7 @@ import pytest
 
 from finetune.analysis.run_metrics import read_metrics, read_runs
 from finetune.monitoring.metrics_logger import MetricsFileError
-from tests.analysis.script_runner import run_script
+from tests.helpers.scripts import run_script
 
 
 def _train_record(step: int) -> dict:

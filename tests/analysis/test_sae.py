@@ -130,11 +130,10 @@ def test_file_split_is_by_name_and_keeps_both_sides():
 
 
 def test_ae_train_splits_a_folder_without_held_out_marks_by_file(tmp_path):
-    import importlib.util
     import json
 
     from finetune.analysis.shards import ShardWriter
-    from tests.helpers.tiny_run import REPO
+    from tests.helpers.scripts import load_script
 
     writer = ShardWriter(tmp_path / "states", {"streams": {"s": {"dim": 6}}}, shard_bytes=1)
     g = torch.Generator().manual_seed(0)
@@ -142,9 +141,7 @@ def test_ae_train_splits_a_folder_without_held_out_marks_by_file(tmp_path):
         writer.add(b, {"file": torch.full((20,), writer.file_index(f"/data/f{b}.wav"), dtype=torch.int32),
                        "frame": torch.arange(20, dtype=torch.int32), "s": torch.randn(20, 6, generator=g)}, ["s"])
     writer.finish()
-    spec = importlib.util.spec_from_file_location("ae_train", REPO / "scripts" / "ae_train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("ae_train")
     out = tmp_path / "sae"
     assert script.main([str(tmp_path / "states"), "--out", str(out), "--latents", "8", "--k", "2", "--epochs", "1",
                         "--batch-size", "64", "--heldout-fraction", "0.2", "--device", "cpu"]) == 0

@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
 from finetune.analysis.shards import ShardSet
 from modules import TopKSparseAutoencoder
-from tests.helpers.tiny_run import REPO
-
-
-def _script(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def vectors(dsaa_run, tmp_path_factory):
     config, checkpoint = dsaa_run
     out = tmp_path_factory.mktemp("vectors")
-    assert _script("get_vectors").main(
+    assert load_script("get_vectors").main(
         [str(config), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
          "--frame-fraction", "0.5", "--heldout-fraction", "0.25", "--max-batches", "100", "--timed-batches", "1"]) == 0
     return out
@@ -56,7 +45,7 @@ def test_vectors_are_the_projector_inputs_subsampled_and_split_by_file(vectors):
 
 def test_ae_train_writes_loadable_checkpoints_and_held_out_metrics(vectors, tmp_path):
     out = tmp_path / "sae"
-    assert _script("ae_train").main(
+    assert load_script("ae_train").main(
         [str(vectors), "--out", str(out), "--streams", "z,dep_proj_in.0", "--latents", "z=64,dep_proj_in.0=32",
          "--k", "4", "--lr", "1e-3", "--batch-size", "32", "--epochs", "2", "--eval-every", "2",
          "--device", "cpu"]) == 0
@@ -70,7 +59,7 @@ def test_ae_train_writes_loadable_checkpoints_and_held_out_metrics(vectors, tmp_
     assert (out / "curves.png").stat().st_size > 0 and (out / "metrics.csv").exists()
 
     signed = tmp_path / "compressae"
-    assert _script("ae_train").main(
+    assert load_script("ae_train").main(
         [str(vectors), "--out", str(signed), "--streams", "z", "--objective", "compressae", "--latents", "16",
          "--k", "2", "--lr", "1e-3", "--batch-size", "32", "--epochs", "1", "--device", "cpu"]) == 0
     assert TopKSparseAutoencoder.load(signed / "sae.z.safetensors").signed
@@ -78,7 +67,7 @@ def test_ae_train_writes_loadable_checkpoints_and_held_out_metrics(vectors, tmp_
 
 def test_analyze_states_warns_that_z_is_a_block_of_each_depformer_input(vectors, tmp_path, capsys):
     out = tmp_path / "analysis"
-    assert _script("analyze_states").main([str(vectors), "--out", str(out), "--streams", "z,dep_proj_in.0,e.0"]) == 0
+    assert load_script("analyze_states").main([str(vectors), "--out", str(out), "--streams", "z,dep_proj_in.0,e.0"]) == 0
     result = json.loads((out / "cka.json").read_text())
     assert result["warnings"] == [
         f"z is columns 0..{result['dims'][0] - 1} of dep_proj_in.0: their CKA is a ratio of block norms, "

@@ -20,7 +20,7 @@ from finetune.analysis.weight_stats import (
     lora_singular_values,
     tensor_rows,
 )
-from tests.analysis.script_runner import run_script
+from tests.helpers.scripts import run_script
 
 
 def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:

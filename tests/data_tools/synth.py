@@ -1,12 +1,9 @@
-"""Synthetic data for the data-tool tests: stereo tone bursts, alignments, manifests, script loading."""
+"""Synthetic data for the data-tool tests: stereo tone bursts, alignments, manifests."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Sequence
 
 import numpy as np
@@ -17,17 +14,6 @@ from finetune.data.audio import write_wav
 REPO = Path(__file__).resolve().parents[2]
 SR = 24000
 
-
-def load_script(name: str) -> ModuleType:
-    """Imports `scripts/<name>.py` (scripts are not a package) once per session."""
-    mod_name = f"_script_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def tone(duration: float, bursts: Sequence[tuple[float, float]], freq: float = 220.0, amp: float = 0.3,

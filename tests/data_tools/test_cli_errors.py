@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from data_tools.synth import REPO, SR, load_script, make_stereo, tone, words, write_manifest_lines
+from data_tools.synth import REPO, SR, make_stereo, tone, words, write_manifest_lines
 
 import annotate
 from finetune.cli import run_main
@@ -21,6 +21,7 @@ from finetune.data import check
 from finetune.data.alignments import write_alignments
 from finetune.data.audio import write_wav
 from finetune.data.manifest import read_manifest
+from tests.helpers.scripts import load_script
 
 shuf = load_script("shuffle_dataset")
 

@@ -6,10 +6,11 @@ import json
 import shutil
 
 import pytest
-from data_tools.synth import load_script, make_stereo
+from data_tools.synth import make_stereo
 
 from finetune.data.audio import read_audio
 from finetune.data.manifest import read_manifest
+from tests.helpers.scripts import load_script
 
 cj = load_script("create_jsonl")
 

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from data_tools.synth import SR, load_script, make_stereo, words, write_manifest_lines
+from data_tools.synth import SR, make_stereo, words, write_manifest_lines
 
 from finetune.data.alignments import MAIN_SPEAKER, load_alignments, write_alignments
 from finetune.data.audio import read_audio
 from finetune.data.manifest import read_manifest
+from tests.helpers.scripts import load_script
 
 cut = load_script("cut_out_user")
 shuf = load_script("shuffle_dataset")

@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from data_tools.synth import SR, load_script, make_stereo, tone, words, write_manifest_lines
+from data_tools.synth import SR, make_stereo, tone, words, write_manifest_lines
 
 from finetune.data.alignments import MAIN_SPEAKER, AlignedWord, load_alignments, write_alignments
+from tests.helpers.scripts import load_script
 
 fa = load_script("fix_alignments")
 OPTS = fa.FixOptions()

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.helpers.scripts import load_script
 
-
-def _load_script():
-    """``scripts/make_tiny_llm.py`` (scripts/ is not a package): the one implementation of the tiny LLM."""
-    name = "make_tiny_llm"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "make_tiny_llm.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_script = _load_script()
+# scripts/make_tiny_llm.py is the one implementation of the tiny LLM.
+_script = load_script("make_tiny_llm")
 CORPUS = _script.CORPUS
 SPECIAL = _script.SPECIAL
 train_tokenizer = _script.train_tokenizer

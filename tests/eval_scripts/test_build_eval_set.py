@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_tools.synth import load_script
 
 from finetune.data.alignments import load_alignments
 from finetune.data.audio import read_audio, write_wav
@@ -16,6 +15,7 @@ from finetune.data.manifest import read_manifest
 from finetune.eval_sets.layout import BuildOptions, build_pair_set
 from finetune.eval_sets.sources import SourcePair, read_slm21
 from finetune.evaluation.layout import EvalSetError, read_pair_set
+from tests.helpers.scripts import load_script
 
 SR_IN = 16_000
 

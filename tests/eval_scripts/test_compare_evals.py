@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_tools.synth import load_script
 
 from finetune.eval_sets.compare import ResultsError, compare_results, load_results
 from finetune.eval_sets.paired_stats import bootstrap_delta_ci, compare_paired, mcnemar_exact
+from tests.helpers.scripts import load_script
 
 
 def binomial_two_sided(b: int, c: int) -> float:

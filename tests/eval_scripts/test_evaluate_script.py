@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_tools.synth import load_script
 from helpers import checkpoints as ck
 from helpers.checkpoints import lora_lm, write_moshi_export
 from helpers.tiny_run import make_tiny_assets, tiny_config
@@ -19,6 +18,7 @@ from finetune.data.dataset import build_codes_store, build_eval_loader
 from finetune.eval import evaluate
 from finetune.model_family import model_family
 from finetune.model_loading import load_from_config
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_tools.synth import load_script
 from helpers import checkpoints as ck
 
 from finetune.data.audio import write_wav
+from tests.helpers.scripts import load_script
 
 
 @pytest.mark.slow

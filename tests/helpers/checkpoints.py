@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_all_linear_with_lora
 
-from .tiny_run import load_asset_script
+from .scripts import load_script
 
 LORA_RANK = 4
 LORA_SCALING = 2.0
@@ -26,7 +26,7 @@ LORA_SCALING = 2.0
 
 def make_base_assets(out: Path, seed: int = 0) -> Path:
     """The demo's assets with two short training files (enough frames to fit the 64-entry codebooks): model.safetensors, config.json, Mimi, tokenizer."""
-    return load_asset_script().make_assets(out, seed=seed, files=2, eval_files=0, min_sec=3.0, max_sec=3.5)
+    return load_script("make_tiny_assets").make_assets(out, seed=seed, files=2, eval_files=0, min_sec=3.0, max_sec=3.5)
 
 
 def shared_base_assets(tmp_path_factory: Any) -> Path:

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
+
+from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_asset_script() -> Any:
-    """`scripts/make_tiny_assets.py` as a module (scripts/ is not a package)."""
-    name = "make_tiny_assets"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "make_tiny_assets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_tiny_assets(out: Path, files: int = 4, eval_files: int = 2, seed: int = 0) -> Path:
     """Small and short: 4 + 2 files of 6-8 s (about 16 chunks of 2 s)."""
-    return load_asset_script().make_assets(out, seed=seed, files=files, eval_files=eval_files,
+    return load_script("make_tiny_assets").make_assets(out, seed=seed, files=files, eval_files=eval_files,
                                            min_sec=6.0, max_sec=8.0)
 
 
