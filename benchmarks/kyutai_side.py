@@ -1,4 +1,4 @@
-"""Process plumbing shared by ``lm_vs_kyutai.py`` and ``mimi_vs_kyutai.py``: one timed side per fresh process.
+"""Process plumbing shared by the ``*_vs_kyutai.py`` benchmarks: one timed side per fresh process.
 
 Kyutai's package is also called ``moshi``, so it cannot share an interpreter with ours. Install it once in a
 throwaway virtual environment (same torch as ours, so both sides run the same kernels):
@@ -14,16 +14,49 @@ the parent refuses a result imported from the wrong side.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "KYUTAI_SIDE_RESULT "
 SIDES = ("ours", "kyutai")
+
+
+def comparison_parser(description: str | None, rounds_help: str) -> argparse.ArgumentParser:
+    """The options every comparison has: ``--kyutai-python``, ``--rounds``, ``--threads`` and the hidden
+    ``--worker`` that a parent passes to the processes it starts."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kyutai-python", help="python of an environment with Kyutai's moshi installed")
+    parser.add_argument("--rounds", type=int, default=3, help=rounds_help)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    return parser
+
+
+def run_worker_or_parent(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    run_worker: Callable[[argparse.Namespace], None],
+    run_parent: Callable[[argparse.Namespace], None],
+    at_least_one: Sequence[str],
+) -> None:
+    """Runs this process's part: the worker it was started as, or the parent once ``--kyutai-python`` is given
+    and every option named in ``at_least_one`` is at least 1 (``--warmup``, where present, at least 0)."""
+    if args.worker:
+        run_worker(args)
+        return
+    if not args.kyutai_python:
+        parser.error("--kyutai-python is required (see benchmarks/kyutai_side.py)")
+    if min(getattr(args, name) for name in at_least_one) < 1 or getattr(args, "warmup", 0) < 0:
+        names = ", ".join(f"--{name}" for name in at_least_one)
+        parser.error(f"{names} must be at least 1" + (", --warmup at least 0" if hasattr(args, "warmup") else ""))
+    run_parent(args)
 
 
 def emit(record: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # lm_step, kyutai_side; benchmarks/ holds no `moshi`
 import lm_step  # noqa: E402
-from kyutai_side import emit, run_side  # noqa: E402
+from kyutai_side import comparison_parser, emit, run_side, run_worker_or_parent  # noqa: E402
 
 CASES = {  # name: (interpreter side, loss of lm_step.LOSSES)
     "kyutai, upstream loss": ("kyutai", "logits"),
@@ -108,27 +108,16 @@ def run_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kyutai-python", help="python of an environment with Kyutai's moshi installed")
+    parser = comparison_parser(__doc__, "worker runs per case, alternating the order")
     parser.add_argument("--config", default="mid", choices=sorted(lm_step.CONFIGS))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--frames", type=int, default=250)
-    parser.add_argument("--rounds", type=int, default=3, help="worker runs per case, alternating the order")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3, help="timed steps per worker run")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--worker", choices=["ours", "kyutai"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--loss", choices=sorted(lm_step.LOSSES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        run_worker(args)
-        return
-    if not args.kyutai_python:
-        parser.error("--kyutai-python is required (see benchmarks/kyutai_side.py)")
-    if min(args.rounds, args.iters, args.batch, args.frames) < 1 or args.warmup < 0:
-        parser.error("--rounds, --iters, --batch and --frames must be at least 1, --warmup at least 0")
-    run_parent(args)
+    run_worker_or_parent(parser, args, run_worker, run_parent, ["rounds", "iters", "batch", "frames"])
 
 
 if __name__ == "__main__":

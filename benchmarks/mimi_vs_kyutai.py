@@ -35,7 +35,7 @@ from typing import Any
 import numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # kyutai_side; benchmarks/ holds no `moshi`
-from kyutai_side import SIDES, emit, run_side  # noqa: E402
+from kyutai_side import SIDES, comparison_parser, emit, run_side, run_worker_or_parent  # noqa: E402
 
 # ---- worker (runs in a fresh interpreter; imports torch and one of the two `moshi` packages) -------------------
 
@@ -210,26 +210,15 @@ def run_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kyutai-python", help="python of an environment with Kyutai's moshi installed")
+    parser = comparison_parser(__doc__, "worker runs per side, alternating sides")
     parser.add_argument("--seconds", type=float, default=10.0, help="audio duration (whole 80 ms frames)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="worker runs per side, alternating sides")
     parser.add_argument("--repeats", type=int, default=3, help="timed encodes and decodes per worker run")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-codebooks", type=int, default=8)
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        run_worker(args)
-        return
-    if not args.kyutai_python:
-        parser.error("--kyutai-python is required (see the usage notes above)")
-    if args.rounds < 1 or args.repeats < 1 or args.batch < 1:
-        parser.error("--rounds, --repeats and --batch must be at least 1")
-    run_parent(args)
+    run_worker_or_parent(parser, args, run_worker, run_parent, ["rounds", "repeats", "batch"])
 
 
 if __name__ == "__main__":

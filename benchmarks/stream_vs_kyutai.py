@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules; ben
 import lm_step  # noqa: E402
 import mimi_vs_kyutai  # noqa: E402
 import stream_frame  # noqa: E402
-from kyutai_side import SIDES, emit, run_side  # noqa: E402
+from kyutai_side import SIDES, comparison_parser, emit, run_side, run_worker_or_parent  # noqa: E402
 
 MIMI_CODEBOOK_SIZE = 2048
 
@@ -152,26 +152,15 @@ def run_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kyutai-python", help="python of an environment with Kyutai's moshi installed")
+    parser = comparison_parser(__doc__, "worker runs per side, alternating sides")
     parser.add_argument("--config", default="mid", choices=sorted(lm_step.CONFIGS), help="LM shape")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=40, help="timed frames per worker run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed frames first (at least the LM's delay)")
-    parser.add_argument("--rounds", type=int, default=3, help="worker runs per side, alternating sides")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        run_worker(args)
-        return
-    if not args.kyutai_python:
-        parser.error("--kyutai-python is required (see benchmarks/kyutai_side.py)")
-    if min(args.rounds, args.batch, args.frames) < 1 or args.warmup < 0:
-        parser.error("--rounds, --batch and --frames must be at least 1, --warmup at least 0")
-    run_parent(args)
+    run_worker_or_parent(parser, args, run_worker, run_parent, ["rounds", "batch", "frames"])
 
 
 if __name__ == "__main__":
